@@ -1,0 +1,2 @@
+//! The `capsule` binary (placeholder).
+fn main() {}

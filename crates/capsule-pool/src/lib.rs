@@ -1,0 +1,1 @@
+//! capsule-pool (placeholder: filled in by its issue).

@@ -1,0 +1,1 @@
+//! capsule-sandbox (placeholder: filled in by its issue).

@@ -1,0 +1,1 @@
+//! capsule-session (placeholder: filled in by its issue).

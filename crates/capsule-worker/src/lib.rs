@@ -1,0 +1,1 @@
+//! capsule-worker (placeholder: filled in by its issue).
