@@ -177,7 +177,9 @@ mod tests {
     #[test]
     fn round_trip_keeps_header_and_body() {
         let mut buf = frame(br#"{"type":"pong","n":1}"#, b"\x00\xffbody");
-        let f = parse(&mut buf, DEFAULT_MAX_FRAME).expect("ok").expect("complete");
+        let f = parse(&mut buf, DEFAULT_MAX_FRAME)
+            .expect("ok")
+            .expect("complete");
         assert_eq!(&f.header[..], br#"{"type":"pong","n":1}"#);
         assert_eq!(&f.body[..], b"\x00\xffbody");
         assert!(buf.is_empty());
