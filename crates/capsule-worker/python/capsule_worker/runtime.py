@@ -456,6 +456,10 @@ class Worker:
                     if not self.pending:  # at most one outstanding KeyboardInterrupt
                         self.pending = True
                         _signal.pthread_kill(self.main_ident, _signal.SIGINT)
+                    # Also wake an input() wait directly: a signal that lands just before the
+                    # main thread blocks on the lock would not interrupt it (lost wake-up).
+                    for key in [k for k in self.inputs if k[0] == ex]:
+                        self.inputs.pop(key).set(("interrupt", None))
             self.send({"type": "cancel_ack", "exec": ex, "running": running})
         elif t == "shutdown":
             os._exit(0)
@@ -606,6 +610,11 @@ class Worker:
         finally:
             with self.state_lock:
                 self.inputs.pop((ex, req), None)
+        if kind == "interrupt":
+            # Woken by the reader for a cancel/interrupt: raise here and consume the pending
+            # signal so it cannot raise a second time later in the cell.
+            self.pending = False
+            raise KeyboardInterrupt
         if kind == "eof" or text is None:
             raise EOFError("EOF when reading a line")
         return str(text)
@@ -670,10 +679,16 @@ class Worker:
         expr = _ast.Expression(last.value)
         return body, compile(expr, filename, "eval", flags, dont_inherit=True)
 
-    def run_code(self, code):
-        if code.co_flags & CO_COROUTINE:
-            return self.run_async(eval(code, self.ns))
-        return eval(code, self.ns)
+    async def cell_coroutine(self, body, last):
+        r = eval(body, self.ns)
+        if body.co_flags & CO_COROUTINE:
+            await r
+        if last is None:
+            return None
+        v = eval(last, self.ns)
+        if last.co_flags & CO_COROUTINE:
+            v = await v
+        return v
 
     def get_loop(self):
         import asyncio
@@ -729,9 +744,15 @@ class Worker:
                     filename = "<cell-x%d>" % self.cell_serial
                 self.register_source(filename, source)
                 body, last = self.compile_cell(source, filename)
-                self.run_code(body)
-                if last is not None:
-                    value = self.run_code(last)
+                flags = body.co_flags | (last.co_flags if last is not None else 0)
+                if flags & CO_COROUTINE:
+                    # Any await in the cell: the whole cell runs as one task on the loop, so
+                    # synchronous parts (asyncio.create_task) see the running loop too.
+                    value = self.run_async(self.cell_coroutine(body, last))
+                else:
+                    eval(body, ns)
+                    if last is not None:
+                        value = eval(last, ns)
             except BaseException as e:
                 exc = e
         except BaseException as e:  # a KeyboardInterrupt landing inside the handler above
