@@ -90,6 +90,21 @@ pub(crate) struct TmpfsMount {
     pub data: CString,
 }
 
+/// A Landlock path-beneath rule added in the child, for a path that only exists there (the
+/// private `/dev/shm` tmpfs: a rule on the host's `/dev/shm` would sit on a covered mount
+/// point, which Landlock ignores).
+#[derive(Debug)]
+pub(crate) struct ChildRule {
+    pub path: CString,
+    pub access: u64,
+}
+
+#[repr(C, packed)]
+struct PathBeneathAttr {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
 /// Everything the child needs, built in the parent. Moved into the `pre_exec` closure.
 #[derive(Debug, Default)]
 pub(crate) struct ChildPlan {
@@ -102,6 +117,7 @@ pub(crate) struct ChildPlan {
     pub unshare_flags: libc::c_int,
     pub id_maps: Option<IdMaps>,
     pub shm_tmpfs: Option<TmpfsMount>,
+    pub shm_rule: Option<ChildRule>,
     pub nproc: Option<Rlimit>,
     pub no_new_privs: bool,
     pub landlock: Option<OwnedFd>,
@@ -152,6 +168,38 @@ impl ChildPlan {
         Ok(())
     }
 
+    /// `landlock_add_rule(PATH_BENEATH)` for a path opened here, in the child.
+    fn add_rule(ruleset: &OwnedFd, rule: &ChildRule) -> Result<(), i32> {
+        // SAFETY: open(O_PATH) of a prepared NUL-terminated path; landlock_add_rule with a
+        // packed stack struct matching `struct landlock_path_beneath_attr`; close of our fd.
+        unsafe {
+            let fd = libc::open(
+                rule.path.as_ptr(),
+                libc::O_PATH | libc::O_CLOEXEC | libc::O_DIRECTORY,
+            );
+            if fd < 0 {
+                return Err(Self::errno());
+            }
+            let attr = PathBeneathAttr {
+                allowed_access: rule.access,
+                parent_fd: fd,
+            };
+            let rc = libc::syscall(
+                libc::SYS_landlock_add_rule,
+                ruleset.as_raw_fd(),
+                1u32, /* LANDLOCK_RULE_PATH_BENEATH */
+                &attr as *const PathBeneathAttr,
+                0u32,
+            );
+            let e = Self::errno();
+            libc::close(fd);
+            if rc != 0 {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Apply every layer. Runs in the child after `fork`, before `execve`.
     ///
     /// Async-signal-safe: only raw syscalls on prepared data; returns the errno of the first
@@ -183,7 +231,6 @@ impl ChildPlan {
                 self.fail(Step::DropUid, Self::errno())?;
             }
         }
-        let mut dropped = true;
         if let Some((uid, gid)) = self.drop_to {
             // SAFETY: plain credential syscalls.
             let ok = unsafe {
@@ -194,11 +241,9 @@ impl ChildPlan {
                 // make /proc/self/* root-owned and the id maps unwritable.
                 unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
             } else {
-                dropped = false;
                 self.fail(Step::DropUid, Self::errno())?;
             }
         }
-        let _ = dropped;
         // 4. namespaces.
         let mut in_userns = false;
         if self.unshare_flags != 0 {
@@ -236,6 +281,10 @@ impl ChildPlan {
                 };
                 if rc != 0 {
                     self.fail(Step::ShmTmpfs, Self::errno())?;
+                } else if let (Some(rule), Some(ruleset)) = (&self.shm_rule, &self.landlock) {
+                    if let Err(e) = Self::add_rule(ruleset, rule) {
+                        self.fail(Step::ShmTmpfs, e)?;
+                    }
                 }
             }
         }

@@ -128,6 +128,12 @@ pub(crate) fn build_ruleset(
     Ok((fd, what.join("; ")))
 }
 
+/// Landlock access bits granted on read-write paths (everything but execute) for an ABI.
+pub(crate) fn write_access_bits(abi_version: i32) -> u64 {
+    let all = AccessFs::from_all(ABI::from(abi_version));
+    (all & !AccessFs::Execute).bits()
+}
+
 /// `PT_INTERP` of an ELF executable (the dynamic loader), if any.
 pub(crate) fn elf_interpreter(exe: &Path) -> Option<PathBuf> {
     let data = fs::read(exe).ok()?;
@@ -220,7 +226,8 @@ mod tests {
         fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .expect("chmod");
         fs::write(locked.join("f"), "x").expect("write");
-        let err = reachable_by(&locked.join("f"), 65534, 65534, false).unwrap_err();
+        let err =
+            reachable_by(&locked.join("f"), 65534, 65534, false).expect_err("0700 dir must block");
         assert!(err.contains("cannot search"), "{err}");
     }
 }

@@ -44,7 +44,6 @@ use std::collections::HashSet;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -64,7 +63,7 @@ pub use policy::{
 pub use probe::{probe, CgroupProbe, Probe, ProbedLayer};
 pub use seccomp::DENIED_SYSCALLS;
 
-use child::{ChildPlan, IdMaps, Rlimit, Step, TmpfsMount};
+use child::{ChildPlan, ChildRule, IdMaps, Rlimit, Step, TmpfsMount};
 
 /// What the session gives the sandbox about one worker.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -245,6 +244,41 @@ fn build_env(policy: &Policy, spec: &SpawnSpec) -> Vec<(String, String)> {
     env
 }
 
+/// Read-only paths implied by the interpreter itself: for `<prefix>/bin/python*` (both the
+/// invoked path, e.g. a venv, and the resolved binary), `<prefix>/lib` and `<prefix>/pyvenv.cfg`;
+/// for the system prefixes `/usr` and `/usr/local`, only their `lib/python*` directories.
+fn interpreter_read_paths(invoked: &Path, canonical: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for exe in [invoked, canonical] {
+        let Some(bin) = exe.parent() else { continue };
+        if bin.file_name().and_then(|n| n.to_str()) != Some("bin") {
+            continue;
+        }
+        let Some(prefix) = bin.parent() else { continue };
+        if prefix == Path::new("/") {
+            continue;
+        }
+        if prefix == Path::new("/usr") || prefix == Path::new("/usr/local") {
+            if let Ok(rd) = std::fs::read_dir(prefix.join("lib")) {
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy().starts_with("python") {
+                        out.push(e.path());
+                    }
+                }
+            }
+            continue;
+        }
+        for p in [prefix.join("lib"), prefix.join("pyvenv.cfg")] {
+            if p.exists() && !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Prepare the sandbox for one worker (in the parent, before fork). Probes the kernel (cached),
 /// allocates every layer, and fails closed on a required layer that is unavailable.
 pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxError> {
@@ -298,7 +332,8 @@ pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxErr
     d.decide("pid_ns", l.pid_ns, probe_ok(probe, "pid_ns"))?;
 
     // Identity.
-    let mut read_paths: Vec<PathBuf> = spec.read_paths.clone();
+    let mut read_paths: Vec<PathBuf> = interpreter_read_paths(&spec.interpreter, &interpreter);
+    read_paths.extend(spec.read_paths.iter().cloned());
     read_paths.extend(policy.filesystem.read_paths.iter().cloned());
     let mut worker_uid = euid;
     let drop_avail: Result<(), String> = if euid != 0 {
@@ -546,9 +581,7 @@ pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxErr
     let cg_pids = cg.as_ref().is_some_and(|c| c.pids_dir.is_some()) && lim.processes.is_some();
     let pl_avail = if lim.processes.is_none() {
         Err("limits.processes is not set".to_string())
-    } else if cg_pids {
-        Ok(())
-    } else if rl && nproc_effective {
+    } else if cg_pids || (rl && nproc_effective) {
         Ok(())
     } else {
         Err("neither a cgroup pids controller nor RLIMIT_NPROC (the worker's kernel uid is root, which RLIMIT_NPROC exempts) is available".to_string())
@@ -594,10 +627,13 @@ pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxErr
         view.write.push(scratch.clone());
         view.write
             .extend(policy.filesystem.write_paths.iter().cloned());
-        if private_shm {
-            view.write.push(PathBuf::from("/dev/shm"));
-        }
         let abi = probe.landlock_abi.unwrap_or(0);
+        if private_shm && ll_fs {
+            plan.shm_rule = Some(ChildRule {
+                path: cstring("/dev/shm")?,
+                access: fsview::write_access_bits(abi),
+            });
+        }
         let (fd, what) = fsview::build_ruleset(abi, &view, ll_fs, ll_net, ll_scope)?;
         plan.landlock = Some(fd);
         plan.no_new_privs = true;
@@ -666,7 +702,6 @@ pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxErr
         ),
     });
     let baseline = cg.as_ref().map(|c| c.events()).unwrap_or_default();
-    let _ = scratch.as_os_str().as_bytes();
     Ok(Prepared {
         preset: policy.preset.clone(),
         env,
