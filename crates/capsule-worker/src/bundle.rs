@@ -161,6 +161,9 @@ pub fn bootstrap_args(bundle: &WorkerBundle) -> Vec<String> {
         crate::DATA_FD.to_string(),
         crate::EVENT_FD.to_string(),
         crate::CONTROL_FD.to_string(),
+        crate::STDOUT_CAPTURE_FD.to_string(),
+        crate::STDERR_CAPTURE_FD.to_string(),
+        crate::LOG_FD.to_string(),
     ]
 }
 
@@ -218,7 +221,7 @@ mod tests {
         };
         let args = bootstrap_args(&b);
         assert_eq!(&args[..3], &["-I", "-S", "-c"]);
-        assert_eq!(&args[4..], &["3", "4", "5"]);
+        assert_eq!(&args[4..], &["3", "4", "5", "6", "7", "8"]);
         assert_eq!(
             args[3],
             r#"import sys; sys.path.insert(0, "/c/it's \"here\""); import capsule_worker; capsule_worker.main()"#

@@ -28,3 +28,11 @@ pub const DATA_FD: i32 = 3;
 pub const EVENT_FD: i32 = 4;
 /// Worker descriptor of the control pipe (host → worker; cancel, ping, shutdown).
 pub const CONTROL_FD: i32 = 5;
+/// Worker descriptor of the stdout capture pipe's read end (its write end is fd 1). The host
+/// keeps a copy it reads only after the worker died, so output written just before a crash is
+/// not lost.
+pub const STDOUT_CAPTURE_FD: i32 = 6;
+/// Worker descriptor of the stderr capture pipe's read end (its write end is fd 2).
+pub const STDERR_CAPTURE_FD: i32 = 7;
+/// Worker descriptor of the host's log pipe (worker diagnostics; never user output).
+pub const LOG_FD: i32 = 8;

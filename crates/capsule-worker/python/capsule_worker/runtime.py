@@ -235,6 +235,7 @@ class Worker:
         self.data_fd = data_fd
         self.event_fd = event_fd
         self.control_fd = control_fd
+        self.capture_fds = None  # (stdout read end, stderr read end, log fd) when host-made
         self.max_frame = DEFAULT_MAX_FRAME
         self.output_chunk = DEFAULT_OUTPUT_CHUNK
         self.write_lock = _thread.allocate_lock()
@@ -299,22 +300,33 @@ class Worker:
     def setup(self):
         for fd in (self.data_fd, self.event_fd, self.control_fd):
             os.set_inheritable(fd, False)
-        # Keep the host's log pipe (current fd 2) for our own diagnostics.
-        self.log_fd = os.dup(2)
-        # Capture pipes; their write ends become fd 1 and fd 2 (inherited by child processes).
-        self.out_r, out_w = os.pipe()
-        self.err_r, err_w = os.pipe()
-        for fd in (self.out_r, self.err_r):
+        if self.capture_fds is not None:
+            # The host created the capture pipes: fd 1 and fd 2 are their write ends already,
+            # and we were handed the read ends plus a log descriptor. The host keeps its own
+            # copies of the read ends (never reading them while we live), so whatever this
+            # process wrote just before dying is still in the pipes for the host to collect.
+            self.out_r, self.err_r, self.log_fd = self.capture_fds
+            for fd in self.capture_fds:
+                os.set_inheritable(fd, False)
+            read_ends = (self.out_r, self.err_r)
+        else:
+            # Stand-alone launch (3 descriptors): keep the log pipe (fd 2) for diagnostics and
+            # create the capture pipes here; their write ends become fd 1 and fd 2.
+            self.log_fd = os.dup(2)
+            self.out_r, out_w = os.pipe()
+            self.err_r, err_w = os.pipe()
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.close(out_w)
+            os.close(err_w)
+            read_ends = (self.out_r, self.err_r)
+        for fd in read_ends:
             try:
                 import fcntl
                 fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
             except (ImportError, OSError):
                 pass
             os.set_blocking(fd, False)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.close(out_w)
-        os.close(err_w)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
 
@@ -973,6 +985,11 @@ def run():
     except ValueError:
         data_fd, event_fd, control_fd = 3, 4, 5
     w = Worker(data_fd, event_fd, control_fd)
+    # Optional: stdout-capture read end, stderr-capture read end, log descriptor (host-made).
+    try:
+        w.capture_fds = tuple(int(a) for a in args[3:6]) if len(args) >= 6 else None
+    except ValueError:
+        w.capture_fds = None
     w.frame_readers = ()
     w.setup()
     # If getpass is already loaded (it never is under -I -S), patch it directly.
