@@ -136,7 +136,15 @@ pub(crate) fn write_access_bits(abi_version: i32) -> u64 {
 
 /// `PT_INTERP` of an ELF executable (the dynamic loader), if any.
 pub(crate) fn elf_interpreter(exe: &Path) -> Option<PathBuf> {
-    let data = fs::read(exe).ok()?;
+    use std::io::Read;
+    // Headers only: 64 KiB covers the ELF header, the program headers and PT_INTERP of any
+    // real interpreter binary (reading the whole multi-MiB binary would cost milliseconds).
+    let mut data = Vec::with_capacity(64 << 10);
+    fs::File::open(exe)
+        .ok()?
+        .take(64 << 10)
+        .read_to_end(&mut data)
+        .ok()?;
     if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 || data[5] != 1 {
         return None; // only 64-bit little-endian is parsed
     }
