@@ -455,6 +455,18 @@ fn default_true() -> bool {
     true
 }
 
+/// Every `op` this version understands.
+pub const OPS: [&str; 8] = [
+    "execute",
+    "input",
+    "cancel",
+    "restart",
+    "checkpoint",
+    "restore",
+    "info",
+    "shutdown",
+];
+
 /// Parses one input line. On failure returns the line's `id` (if it had a usable one) and a
 /// message for the `error` event.
 pub fn parse_command(line: &[u8]) -> Result<InCommand, (Option<ClientId>, String)> {
@@ -463,6 +475,16 @@ pub fn parse_command(line: &[u8]) -> Result<InCommand, (Option<ClientId>, String
     let id = value.get("id").filter(|v| valid_id(v)).cloned();
     if !value.is_object() {
         return Err((None, "a command must be a JSON object".to_string()));
+    }
+    match value.get("op") {
+        None => return Err((id, "bad command: missing field `op`".to_string())),
+        Some(Value::String(op)) if !OPS.contains(&op.as_str()) => {
+            return Err((
+                id,
+                format!("unknown op {op:?} (expected one of {})", OPS.join(", ")),
+            ))
+        }
+        _ => {}
     }
     let cmd: InCommand =
         serde_json::from_value(value).map_err(|e| (id.clone(), format!("bad command: {e}")))?;
@@ -588,7 +610,7 @@ mod tests {
         assert_eq!(id, Some(json!("a")));
         assert!(msg.contains("code"), "{msg}");
         let (_, msg) = parse_command(br#"{"op":"frobnicate","id":"a"}"#).expect_err("unknown");
-        assert!(msg.contains("frobnicate"), "{msg}");
+        assert!(msg.contains("unknown op \"frobnicate\""), "{msg}");
         let (id, msg) = parse_command(b"{not json").expect_err("bad json");
         assert_eq!(id, None);
         assert!(msg.contains("invalid JSON"), "{msg}");

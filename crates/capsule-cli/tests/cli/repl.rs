@@ -265,7 +265,11 @@ impl Term {
 
 impl Drop for Term {
     fn drop(&mut self) {
-        let _ = self.tmux().arg("kill-server").status();
+        let _ = self
+            .tmux()
+            .arg("kill-server")
+            .stderr(Stdio::null())
+            .status();
         let _ = self.control.kill();
         let _ = self.control.wait();
     }
