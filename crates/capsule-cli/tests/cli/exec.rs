@@ -200,3 +200,29 @@ fn doctor_reports_interpreter_and_sandbox() {
     assert!(v["sandbox"]["layers"].is_array(), "{v}");
     assert!(v["session"]["ok"]["protocol"].is_u64(), "{v}");
 }
+
+#[test]
+fn sigint_cancels_the_cell_and_exits_3() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = capsule()
+        .args(["exec", "print('go', flush=True)\nwhile True: pass"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn capsule");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read the first line");
+    assert_eq!(line, "go\n");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = crate::wait_exit(&mut child);
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err);
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(err.contains("KeyboardInterrupt"), "{err}");
+}
