@@ -360,7 +360,7 @@ impl Report {
         for o in &self.output {
             rows.push((format!("{} capsule", o.name), o.capsule.clone()));
             if let Some(l) = &o.lines_per_s {
-                rows.push((format!("{} capsule", o.name), l.clone()));
+                rows.push((format!("{} capsule (lines/s)", o.name), l.clone()));
             }
             if let Some(f) = &o.floor {
                 rows.push((format!("{} floor", o.name), f.clone()));
