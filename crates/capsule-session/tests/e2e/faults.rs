@@ -128,3 +128,72 @@ async fn a_missing_interpreter_is_a_typed_start_error() {
         .expect_err("must fail");
     assert!(err.to_string().contains("/nonexistent/python3"), "{err}");
 }
+
+/// Not a test of its own: the child-process half of
+/// `a_worker_exits_promptly_when_its_host_is_killed`, which runs this test binary again with
+/// `CAPSULE_TEST_HOST_MODE=1` so that a real host process can be killed. Without the variable it
+/// returns at once.
+#[tokio::test]
+async fn host_process_for_the_host_exit_test() {
+    if std::env::var_os("CAPSULE_TEST_HOST_MODE").is_none() {
+        return;
+    }
+    let s = session().await;
+    let pid = s.info().await.expect("info").pid.expect("pid");
+    let mut e = s
+        .execute("print('started', flush=True)\nwhile True: pass")
+        .await
+        .expect("q");
+    started(&mut e, "started").await;
+    println!("WORKER_PID={pid}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::future::pending::<()>().await;
+}
+
+#[test]
+fn a_worker_exits_promptly_when_its_host_is_killed() {
+    use std::io::BufRead;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let exe = std::env::current_exe().expect("test binary");
+    let mut host = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "faults::host_process_for_the_host_exit_test",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CAPSULE_TEST_HOST_MODE", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn host");
+    let stdout = host.stdout.take().expect("stdout");
+    let mut pid = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.expect("line");
+        // libtest prints "test <name> ... " without a newline first, so search the line.
+        if let Some((_, p)) = line.split_once("WORKER_PID=") {
+            pid = Some(p.trim().parse::<i32>().expect("pid"));
+            break;
+        }
+    }
+    let pid = pid.expect("the host printed its worker pid");
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    assert!(raw >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let t0 = std::time::Instant::now();
+    host.kill().expect("kill -9 the host");
+    host.wait().expect("reap host");
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Event-driven wait for the worker's exit; the 30 s bound only guards against a hang.
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, 30_000) };
+    assert_eq!(n, 1, "the worker outlived its host");
+    eprintln!("worker exited {:?} after its host was killed", t0.elapsed());
+}
