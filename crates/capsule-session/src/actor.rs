@@ -35,7 +35,7 @@ use crate::process::{kill_group, spawn_worker, Captures, LogTail};
 use crate::reader::{Notice, Reader};
 use crate::routes::{CancelReason, Routes};
 use crate::session::{
-    BackgroundEvent, Checkpoint, ExecuteRequest, SessionInfo, SessionState, Stats,
+    BackgroundEvent, Checkpoint, ExecuteRequest, SandboxLayer, SessionInfo, SessionState, Stats,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, SessionError>>;
@@ -160,6 +160,8 @@ struct Worker {
     log_tail: LogTail,
     /// Read ends of the capture pipes, drained after the worker's death.
     captures: Captures,
+    /// The worker's sandbox (layers for info, exit classification; cleaned up on drop).
+    sandbox: capsule_sandbox::Prepared,
 }
 
 struct Actor {
@@ -311,6 +313,7 @@ impl Actor {
             ping_n: 0,
             log_tail: spawned.log_tail,
             captures: spawned.captures,
+            sandbox: spawned.sandbox,
         });
         Ok(())
     }
@@ -825,13 +828,15 @@ impl Actor {
         if !ready {
             return;
         }
-        let Some(w) = self.worker.take() else {
+        let Some(mut w) = self.worker.take() else {
             return;
         };
         self.workers_lost += 1;
         let status = w.exit.flatten();
         let protocol_error = w.reader_closed.flatten();
         let cause = w.kill_cause.clone();
+        let sandbox_reason = status.and_then(|s| w.sandbox.classify_exit(s));
+        w.sandbox.cleanup();
         tracing::info!(session = %self.id, pid = w.pid, ?status, ?cause, "worker ended");
         // What the worker wrote to fd 1/2 but its pump never forwarded (it died first).
         let (out, err) = w.captures.drain();
@@ -841,7 +846,7 @@ impl Actor {
                 Current::Cell { exec, .. } => {
                     let tail = w.log_tail.text();
                     self.emit_host_outcome(&exec, |_| {
-                        lost_status(cause, status, protocol_error, &tail)
+                        lost_status(cause, status, sandbox_reason, protocol_error, &tail)
                     })
                     .await;
                 }
@@ -945,6 +950,19 @@ impl Actor {
             protocol_errors: self.stats.protocol_errors.load(Ordering::Relaxed),
             faults: self.stats.faults.load(Ordering::Relaxed),
             scratch_dir: self.scratch.path().to_path_buf(),
+            sandbox: w
+                .map(|w| {
+                    w.sandbox
+                        .layers()
+                        .iter()
+                        .map(|l| SandboxLayer {
+                            name: l.name.to_string(),
+                            state: format!("{:?}", l.state).to_lowercase(),
+                            detail: l.detail.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             config: self.config.clone(),
         }
     }
@@ -954,6 +972,7 @@ impl Actor {
 fn lost_status(
     cause: Option<KillCause>,
     status: Option<std::process::ExitStatus>,
+    sandbox_reason: Option<KillReason>,
     protocol_error: Option<String>,
     log_tail: &str,
 ) -> OutcomeStatus {
@@ -976,6 +995,14 @@ fn lost_status(
         None => {
             if let Some(msg) = protocol_error {
                 return OutcomeStatus::WorkerLost { reason: msg };
+            }
+            if let Some(reason) = sandbox_reason {
+                if !matches!(reason, KillReason::Signal(_)) {
+                    return OutcomeStatus::Killed {
+                        reason,
+                        detail: format!("the sandbox's {} limit ended the worker", reason.as_str()),
+                    };
+                }
             }
             match status {
                 Some(s) => match s.signal() {
@@ -1057,6 +1084,7 @@ mod tests {
                 Some(KillCause::CancelEscalation(CancelReason::Deadline)),
                 None,
                 None,
+                None,
                 ""
             ),
             OutcomeStatus::TimedOut { state_lost: true }
@@ -1067,7 +1095,7 @@ mod tests {
     fn sigxcpu_is_a_cpu_limit_kill() {
         let st = std::process::ExitStatus::from_raw(libc::SIGXCPU);
         assert!(matches!(
-            lost_status(None, Some(st), None, ""),
+            lost_status(None, Some(st), None, None, ""),
             OutcomeStatus::Killed {
                 reason: KillReason::CpuLimit,
                 ..
@@ -1078,7 +1106,7 @@ mod tests {
     #[test]
     fn plain_exit_is_worker_lost_with_the_status() {
         let st = std::process::ExitStatus::from_raw(3 << 8);
-        match lost_status(None, Some(st), None, "") {
+        match lost_status(None, Some(st), None, None, "") {
             OutcomeStatus::WorkerLost { reason } => {
                 assert!(reason.contains("status 3"), "{reason}")
             }

@@ -52,6 +52,9 @@ pub struct SessionConfig {
     pub scratch_root: Option<PathBuf>,
     /// Extra environment variables given to the worker.
     pub env: Vec<(String, String)>,
+    /// The sandbox every worker of the session runs in (default: the `standard` preset).
+    /// Env: `CAPSULE_SANDBOX` = a preset name (`strict`, `standard`, `none`) or a TOML file.
+    pub sandbox: capsule_sandbox::Policy,
 }
 
 /// Default hard frame limit (16 MiB).
@@ -81,6 +84,7 @@ impl Default for SessionConfig {
             cache_dir: None,
             scratch_root: None,
             env: Vec::new(),
+            sandbox: capsule_sandbox::Policy::standard(),
         }
     }
 }
@@ -99,6 +103,21 @@ where
 fn ms_opt(key: &'static str, value: &str) -> Result<Option<Duration>, ConfigError> {
     let ms: u64 = parse_num(key, value)?;
     Ok((ms > 0).then(|| Duration::from_millis(ms)))
+}
+
+/// A sandbox policy from a preset name or a TOML file path.
+pub fn load_policy(spec: &str) -> Result<capsule_sandbox::Policy, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        key: "CAPSULE_SANDBOX",
+        value: spec.to_string(),
+        reason,
+    };
+    if matches!(spec, "strict" | "standard" | "none") {
+        capsule_sandbox::Policy::preset(spec).map_err(|e| invalid(e.to_string()))
+    } else {
+        capsule_sandbox::Policy::from_file(std::path::Path::new(spec))
+            .map_err(|e| invalid(e.to_string()))
+    }
 }
 
 impl SessionConfig {
@@ -154,6 +173,9 @@ impl SessionConfig {
         }
         if let Some(v) = get("CAPSULE_CACHE_DIR").filter(|v| !v.is_empty()) {
             self.cache_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("CAPSULE_SANDBOX").filter(|v| !v.is_empty()) {
+            self.sandbox = load_policy(&v)?;
         }
         if let Some(v) = get("CAPSULE_SCRATCH_ROOT").filter(|v| !v.is_empty()) {
             self.scratch_root = Some(PathBuf::from(v));
@@ -217,6 +239,22 @@ mod tests {
         assert_eq!(c.default_timeout, Some(Duration::from_secs(1)));
         assert_eq!(c.heartbeat, None);
         assert!(!c.enable_site);
+    }
+
+    #[test]
+    fn sandbox_preset_comes_from_the_environment_and_bad_names_are_errors() {
+        let c = SessionConfig::default()
+            .with_env(env(&[("CAPSULE_SANDBOX", "strict")]))
+            .expect("valid");
+        assert_eq!(c.sandbox, capsule_sandbox::Policy::strict());
+        assert_eq!(
+            SessionConfig::default().sandbox,
+            capsule_sandbox::Policy::standard()
+        );
+        let e = SessionConfig::default()
+            .with_env(env(&[("CAPSULE_SANDBOX", "/nonexistent/policy.toml")]))
+            .expect_err("missing file");
+        assert!(e.to_string().contains("CAPSULE_SANDBOX"), "{e}");
     }
 
     #[test]

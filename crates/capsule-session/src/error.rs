@@ -27,6 +27,9 @@ pub enum SessionError {
     /// The interpreter or the worker runtime could not be prepared.
     #[error("failed to prepare the worker: {0}")]
     Worker(#[from] capsule_worker::WorkerError),
+    /// The sandbox the policy demands cannot be set up (fail closed: names the layer and why).
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] capsule_sandbox::SandboxError),
     /// The worker process could not be started.
     #[error("failed to spawn the worker {program}: {source}")]
     Spawn {

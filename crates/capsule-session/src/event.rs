@@ -57,36 +57,7 @@ pub struct Truncation {
     pub budget: u64,
 }
 
-/// Why the sandbox or the host killed a worker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KillReason {
-    /// Memory limit.
-    Oom,
-    /// CPU-time limit.
-    CpuLimit,
-    /// Wall-clock limit.
-    WallClock,
-    /// Process-count limit.
-    PidsLimit,
-    /// File-size limit.
-    FileSize,
-    /// Killed by a signal for another reason.
-    Signal(i32),
-}
-
-impl KillReason {
-    /// Stable name used by clients.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KillReason::Oom => "oom",
-            KillReason::CpuLimit => "cpu_limit",
-            KillReason::WallClock => "wall_clock",
-            KillReason::PidsLimit => "pids_limit",
-            KillReason::FileSize => "file_size",
-            KillReason::Signal(_) => "signal",
-        }
-    }
-}
+pub use capsule_sandbox::KillReason;
 
 /// The typed outcome of a cell (BRIEF §3.3).
 #[derive(Clone, Debug, PartialEq)]

@@ -51,6 +51,6 @@ pub use config::SessionConfig;
 pub use error::{ConfigError, SessionError};
 pub use event::{Event, KillReason, Outcome, OutcomeStatus, Stream, Truncation};
 pub use session::{
-    BackgroundEvent, Checkpoint, Collected, ExecHandle, ExecuteRequest, Execution, Session,
-    SessionInfo, SessionState,
+    BackgroundEvent, Checkpoint, Collected, ExecHandle, ExecuteRequest, Execution, SandboxLayer,
+    Session, SessionInfo, SessionState,
 };

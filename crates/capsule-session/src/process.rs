@@ -56,6 +56,8 @@ pub(crate) struct Spawned {
     pub log_tail: LogTail,
     /// The host's copies of the capture pipes' read ends.
     pub captures: Captures,
+    /// The worker's sandbox: active layers, exit classification, cleanup (on drop too).
+    pub sandbox: capsule_sandbox::Prepared,
 }
 
 /// The host's copies of the read ends of a worker's stdout/stderr capture pipes.
@@ -206,15 +208,26 @@ pub(crate) async fn spawn_worker(
         stderr: err_r,
     };
 
+    // The sandbox is prepared in the parent (allocations, BPF, Landlock ruleset, cgroup); its
+    // child-side hook runs after ours. A layer the policy requires but the kernel lacks fails
+    // here, before anything is spawned (fail closed).
+    let mut read_paths = interp.read_paths.clone();
+    read_paths.push(bundle.dir.clone());
+    let mut extra_env = base_env(scratch);
+    extra_env.extend(config.env.iter().cloned());
+    let spec = capsule_sandbox::SpawnSpec {
+        interpreter: interp.executable.clone(),
+        read_paths,
+        scratch_dir: scratch.to_path_buf(),
+        extra_env,
+    };
+    let mut sandbox = capsule_sandbox::prepare(&config.sandbox, &spec)?;
     let mut cmd = tokio::process::Command::new(&interp.executable);
     cmd.args(capsule_worker::bootstrap_args(bundle))
         .stdin(Stdio::null())
         .stdout(Stdio::from(out_w))
         .stderr(Stdio::from(err_w))
         .current_dir(scratch)
-        .env_clear()
-        .envs(base_env(scratch))
-        .envs(config.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .process_group(0)
         .kill_on_drop(true);
     let moves = [
@@ -244,10 +257,20 @@ pub(crate) async fn spawn_worker(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|source| SessionError::Spawn {
-        program: interp.executable.display().to_string(),
-        source,
-    })?;
+    // Registered after the descriptor moves above, so it runs second in the child.
+    sandbox.install(cmd.as_std_mut())?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(source) => {
+            return Err(match sandbox.explain_spawn_error(&source) {
+                e @ capsule_sandbox::SandboxError::ChildSetup { .. } => e.into(),
+                _ => SessionError::Spawn {
+                    program: interp.executable.display().to_string(),
+                    source,
+                },
+            })
+        }
+    };
     drop((
         child_data,
         child_ev,
@@ -257,6 +280,11 @@ pub(crate) async fn spawn_worker(
         child_log,
     ));
     let pid = child.id().unwrap_or(0);
+    if let Err(e) = sandbox.after_spawn(pid) {
+        kill_group(pid);
+        let _ = child.wait().await;
+        return Err(e.into());
+    }
 
     let log_tail = LogTail::default();
     let log_task = spawn_log_task(session_id, log_r, log_tail.clone())?;
@@ -347,6 +375,7 @@ pub(crate) async fn spawn_worker(
         start_latency: started.elapsed(),
         log_tail,
         captures,
+        sandbox,
     })
 }
 

@@ -163,8 +163,21 @@ pub struct SessionInfo {
     pub faults: u64,
     /// The session's scratch directory (the worker's cwd, `HOME` and `TMPDIR`).
     pub scratch_dir: PathBuf,
+    /// The sandbox layers of the current worker and their state (active / missing / disabled).
+    pub sandbox: Vec<SandboxLayer>,
     /// Effective configuration.
     pub config: SessionConfig,
+}
+
+/// One sandbox layer of a worker, as reported in [`SessionInfo`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxLayer {
+    /// Layer name (`user_ns`, `landlock`, `seccomp`, `rlimits`, `cgroup`, ...).
+    pub name: String,
+    /// `active`, `missing` or `disabled`.
+    pub state: String,
+    /// Why, or what it enforces.
+    pub detail: String,
 }
 
 /// Everything one execution produced, for callers that do not stream.

@@ -9,7 +9,7 @@ async fn stdout_and_stderr_are_separated_and_every_byte_precedes_the_outcome() {
     let s = session().await;
     let r = run(
         &s,
-        "import os, sys, subprocess\nprint('py-out')\nprint('py-err', file=sys.stderr)\nos.write(1, b'fd-out\\n')\nos.write(2, b'fd-err\\n')\nsubprocess.run(['/bin/echo', 'child-out'])\nsys.stdout.write('no newline')",
+        "import os, sys, subprocess\nprint('py-out')\nprint('py-err', file=sys.stderr)\nos.write(1, b'fd-out\\n')\nos.write(2, b'fd-err\\n')\nsubprocess.run([sys.executable, '-I', '-S', '-c', 'print(\"child-out\")'])\nsys.stdout.write('no newline')",
     )
     .await;
     assert_eq!(r.out(), "py-out\nfd-out\nchild-out\nno newline");

@@ -8,4 +8,5 @@ mod checkpoint;
 mod faults;
 mod interpreters;
 mod io;
+mod sandbox;
 mod support;
