@@ -457,7 +457,6 @@ impl Actor {
     }
 
     async fn cancel(&mut self, exec: String, interrupt: bool) {
-        self.cancels += 1;
         // A queued cell never started: it ends here.
         if let Some(pos) = self
             .queue
@@ -465,14 +464,16 @@ impl Actor {
             .position(|w| matches!(w, Work::Cell { exec: e, .. } if *e == exec))
         {
             self.queue.remove(pos);
+            self.cancels += 1;
             self.emit_host_outcome(&exec, |_| OutcomeStatus::Cancelled)
                 .await;
             return;
         }
         let running = matches!(&self.current, Some(Current::Cell { exec: e, .. }) if *e == exec);
         if !running {
-            return; // Finished already: a late cancel is a no-op.
+            return; // Finished already: a late cancel is a no-op (and not counted).
         }
+        self.cancels += 1;
         if interrupt {
             self.send_control(&ControlMessage::Interrupt { exec }).await;
             return;

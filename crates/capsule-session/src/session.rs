@@ -453,6 +453,29 @@ impl Execution {
         Some(ev)
     }
 
+    /// The next event if one is already waiting, without waiting (for writers that batch).
+    /// `None` means nothing is buffered right now, or the outcome was already returned.
+    pub fn try_next(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        let ev = match self.rx.try_recv() {
+            Ok(ev) => ev,
+            Err(mpsc::error::TryRecvError::Empty) => return None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Event::Outcome(Outcome {
+                status: OutcomeStatus::WorkerLost {
+                    reason: "session ended without reporting an outcome".into(),
+                },
+                duration_ms: 0.0,
+                truncated: None,
+            }),
+        };
+        if matches!(ev, Event::Outcome(_)) {
+            self.done = true;
+        }
+        Some(ev)
+    }
+
     /// See [`ExecHandle::cancel`].
     pub async fn cancel(&self) -> Result<(), SessionError> {
         self.handle.cancel().await

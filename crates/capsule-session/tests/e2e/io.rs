@@ -136,3 +136,32 @@ async fn getpass_is_a_password_request() {
         .expect("reply");
     assert_eq!(drain(e).await.value(), &json!(6));
 }
+
+#[tokio::test]
+async fn try_next_and_next_together_see_every_event_once() {
+    let s = session().await;
+    let mut e = s
+        .execute("for i in range(2000):\n    print(i)")
+        .await
+        .expect("q");
+    let mut out = String::new();
+    let mut outcomes = 0;
+    loop {
+        let ev = match e.try_next() {
+            Some(ev) => ev,
+            None => match e.next().await {
+                Some(ev) => ev,
+                None => break,
+            },
+        };
+        match ev {
+            Event::Output { text, .. } => out.push_str(&text),
+            Event::Outcome(_) => outcomes += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(outcomes, 1);
+    let expected: String = (0..2000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(out, expected);
+    assert!(e.try_next().is_none());
+}
