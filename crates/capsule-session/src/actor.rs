@@ -204,6 +204,17 @@ pub(crate) async fn start(
 ) -> Result<mpsc::Sender<Command>, SessionError> {
     let interp = capsule_worker::resolve_interpreter(config.python.as_deref())?;
     let bundle = capsule_worker::materialize(config.cache_dir.as_deref())?;
+    // Sandboxed workers see the bundle read-only: compile it once, outside the sandbox. A
+    // failure only costs speed (the worker compiles in memory), so it is logged, not fatal;
+    // concurrent compiles of the same fresh bundle (several sessions starting at once) race
+    // harmlessly on CPython's temporary file names.
+    {
+        static COMPILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = COMPILING.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = capsule_worker::precompile(&bundle, &interp) {
+            tracing::warn!(error = %e, "could not precompile the worker runtime");
+        }
+    }
     let prefix = format!("capsule-{id}-");
     let mut scratch = tempfile::Builder::new();
     scratch.prefix(&prefix);

@@ -167,6 +167,52 @@ pub fn bootstrap_args(bundle: &WorkerBundle) -> Vec<String> {
     ]
 }
 
+/// Compiles the bundle's Python files to bytecode for `interp` if they are not compiled yet.
+///
+/// Sandboxed workers see the bundle read-only, so without this every worker start would
+/// recompile the runtime from source. Runs the interpreter once (unsandboxed, on our own files
+/// only); later calls find the `.pyc` files and return without spawning anything.
+pub fn precompile(bundle: &WorkerBundle, interp: &crate::Interpreter) -> Result<(), WorkerError> {
+    let (major, minor, _) = interp.version_info;
+    let pkg = bundle.dir.join("capsule_worker");
+    let tag = format!("cpython-{major}{minor}");
+    let compiled = BUNDLE_FILES.iter().all(|(rel, _)| {
+        let path = bundle.dir.join(rel);
+        let (Some(dir), Some(stem)) = (path.parent(), path.file_stem()) else {
+            return false;
+        };
+        dir.join("__pycache__")
+            .join(format!("{}.{tag}.pyc", stem.to_string_lossy()))
+            .exists()
+    });
+    if compiled {
+        return Ok(());
+    }
+    let status = std::process::Command::new(&interp.executable)
+        .args([
+            "-I",
+            "-S",
+            "-c",
+            "import compileall, sys; sys.exit(0 if compileall.compile_dir(sys.argv[1], quiet=1) else 1)",
+        ])
+        .arg(&pkg)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|source| WorkerError::Spawn {
+            python: interp.executable.clone(),
+            source,
+        })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(WorkerError::Probe {
+            python: interp.executable.clone(),
+            message: format!("compiling the worker runtime failed ({status})"),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +272,21 @@ mod tests {
             args[3],
             r#"import sys; sys.path.insert(0, "/c/it's \"here\""); import capsule_worker; capsule_worker.main()"#
         );
+    }
+
+    #[test]
+    fn precompile_writes_bytecode_once_for_the_interpreter() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let bundle = materialize(Some(root.path())).expect("materialize");
+        let interp = crate::resolve_interpreter(None).expect("python3");
+        precompile(&bundle, &interp).expect("compile");
+        let (maj, min, _) = interp.version_info;
+        let pyc = bundle
+            .dir
+            .join("capsule_worker/__pycache__")
+            .join(format!("runtime.cpython-{maj}{min}.pyc"));
+        assert!(pyc.exists(), "{}", pyc.display());
+        precompile(&bundle, &interp).expect("second call is a no-op");
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod bundle;
 mod error;
 mod interpreter;
 
-pub use bundle::{bootstrap_args, cache_root, materialize, WorkerBundle, BUNDLE_FILES};
+pub use bundle::{bootstrap_args, cache_root, materialize, precompile, WorkerBundle, BUNDLE_FILES};
 pub use error::WorkerError;
 pub use interpreter::{find_interpreters, resolve_interpreter, Interpreter};
 
