@@ -209,6 +209,20 @@ impl Report {
             "— (shows the cost of `site`)",
             "—",
         );
+        let sandbox_cost = format!(
+            "sandbox adds ≤ 5 ms (here {:+.1} ms)",
+            (c.ready.median - c.ready_no_sandbox.median) / 1000.0
+        );
+        row(
+            "cold start → ready, sandbox off (`none` policy, variant)".into(),
+            med_p99(&c.ready_no_sandbox),
+            format!("{} `-I -S -c pass`", med_p99(&c.spawn_pass)),
+            none.clone(),
+            x(c.ready_no_sandbox.median / c.spawn_pass.median),
+            none.clone(),
+            &sandbox_cost,
+            verdict(c.ready.median - c.ready_no_sandbox.median <= 5000.0),
+        );
         // 3. pool
         row(
             "session from pool / fork server".into(),
@@ -355,6 +369,7 @@ impl Report {
             "cold first result, enable_site=false".into(),
             c.first_result_no_site.clone(),
         ));
+        rows.push(("cold ready, sandbox off".into(), c.ready_no_sandbox.clone()));
         rows.push(("python -I -S -c pass".into(), c.spawn_pass.clone()));
         rows.push(("cold ready pair ratios".into(), c.pair_ratios_ready.clone()));
         for o in &self.output {

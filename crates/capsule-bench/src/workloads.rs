@@ -216,6 +216,9 @@ pub struct Cold {
     /// Variant with `enable_site = false` (no `site`/`.pth` processing after the handshake):
     /// `Session::start` → first `x=1` outcome, µs. Shows what `site` costs on this interpreter.
     pub first_result_no_site: Summary,
+    /// Variant with the sandbox off (`none` policy): `Session::start` → returned, µs. The
+    /// difference to `ready` is what the sandbox (default `standard` policy) adds.
+    pub ready_no_sandbox: Summary,
     /// `python -I -S -c pass`, spawn → exit, µs (same interpreter binary).
     pub spawn_pass: Summary,
     /// ready median / spawn_pass median.
@@ -241,6 +244,9 @@ pub async fn cold(config: &SessionConfig, python: &Path, n: usize) -> Result<Col
     );
     let mut no_site = config.clone();
     no_site.enable_site = false;
+    let mut no_sandbox = config.clone();
+    no_sandbox.sandbox = capsule_session::config::load_policy("none")?;
+    let mut unsandboxed = Vec::new();
     for _ in 0..n {
         let t0 = Instant::now();
         let s = Session::start(config.clone()).await?;
@@ -261,6 +267,10 @@ pub async fn cold(config: &SessionConfig, python: &Path, n: usize) -> Result<Col
         run_ok(&s, "x=1").await?;
         nosite.push(us(t0.elapsed()));
         s.shutdown().await?;
+        let t0 = Instant::now();
+        let s = Session::start(no_sandbox.clone()).await?;
+        unsandboxed.push(us(t0.elapsed()));
+        s.shutdown().await?;
     }
     let ready = Summary::of(&ready, "us");
     let first_result = Summary::of(&first, "us");
@@ -272,6 +282,7 @@ pub async fn cold(config: &SessionConfig, python: &Path, n: usize) -> Result<Col
         first_result,
         session_start_latency: Summary::of(&own, "us"),
         first_result_no_site: Summary::of(&nosite, "us"),
+        ready_no_sandbox: Summary::of(&unsandboxed, "us"),
         spawn_pass,
         pair_ratios_ready: Summary::of(&pairs, "x"),
     })

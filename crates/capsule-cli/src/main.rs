@@ -81,7 +81,8 @@ pub struct GlobalArgs {
     /// TOML config file whose keys mirror the session settings (see docs/api.md).
     #[arg(long, global = true, value_name = "FILE", env = "CAPSULE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Log to stderr (-v info, -vv debug, -vvv trace); CAPSULE_LOG / RUST_LOG also work.
+    /// Log to stderr (default: errors only; -v info, -vv debug, -vvv trace); CAPSULE_LOG /
+    /// RUST_LOG also work.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 }
@@ -123,15 +124,18 @@ fn init_logging(verbose: u8) {
         .or_else(|| std::env::var("RUST_LOG").ok())
         .filter(|_| verbose == 0)
         .unwrap_or_else(|| {
+            // Quiet by default: per-invocation warnings such as a best-effort sandbox layer that
+            // is missing would repeat on every `capsule exec`; `capsule doctor` reports them,
+            // and `-v` shows them.
             match verbose {
-                0 => "warn",
+                0 => "error",
                 1 => "info",
                 2 => "debug",
                 _ => "trace",
             }
             .to_string()
         });
-    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
