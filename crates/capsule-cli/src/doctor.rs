@@ -60,9 +60,21 @@ struct SessionDto {
     protocol: u32,
     features: Vec<String>,
     start_ms: f64,
+    /// The sandbox policy in force (preset name, or "custom").
+    policy: String,
+    /// What that policy actually did to a real worker on this machine, layer by layer.
+    layers: Vec<LayerDto>,
+}
+
+#[derive(Serialize)]
+struct LayerDto {
+    name: String,
+    state: String,
+    detail: String,
 }
 
 async fn check_session(config: SessionConfig) -> Result<SessionDto, String> {
+    let policy = config.sandbox.preset.clone();
     let t0 = Instant::now();
     let session = Session::start(config).await.map_err(|e| e.to_string())?;
     let start_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -75,6 +87,16 @@ async fn check_session(config: SessionConfig) -> Result<SessionDto, String> {
             protocol: info.protocol_version,
             features: info.features,
             start_ms,
+            policy,
+            layers: info
+                .sandbox
+                .into_iter()
+                .map(|l| LayerDto {
+                    name: l.name,
+                    state: l.state,
+                    detail: l.detail,
+                })
+                .collect(),
         }),
         other => Err(format!("test cell ended {}: {other:?}", other.name())),
     }
@@ -153,12 +175,18 @@ fn print_text(r: &Report) {
         }
     }
     match &r.session {
-        Check::Ok(s) => println!(
-            "session: ok (Python {}, protocol v{}, started in {:.1} ms)",
-            s.python.lines().next().unwrap_or_default(),
-            s.protocol,
-            s.start_ms
-        ),
+        Check::Ok(s) => {
+            println!(
+                "session: ok (Python {}, protocol v{}, started in {:.1} ms)",
+                s.python.lines().next().unwrap_or_default(),
+                s.protocol,
+                s.start_ms
+            );
+            println!("what the `{}` policy did to that worker:", s.policy);
+            for l in &s.layers {
+                println!("  {:<16} {:<8} {}", l.name, l.state, l.detail);
+            }
+        }
         Check::Error(e) => println!("session: FAILED: {e}"),
     }
 }

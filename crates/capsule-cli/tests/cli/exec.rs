@@ -199,6 +199,59 @@ fn doctor_reports_interpreter_and_sandbox() {
     assert!(v["interpreter"]["ok"]["executable"].is_string(), "{v}");
     assert!(v["sandbox"]["layers"].is_array(), "{v}");
     assert!(v["session"]["ok"]["protocol"].is_u64(), "{v}");
+
+    // The report must match what this machine supports, checked independently of the probe.
+    let available = |name: &str| {
+        v["sandbox"]["layers"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["name"] == name))
+            .map(|l| l["available"] == true)
+            .unwrap_or_else(|| panic!("layer {name} missing from doctor: {v}"))
+    };
+    let active = |name: &str| {
+        v["session"]["ok"]["layers"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["name"] == name))
+            .map(|l| l["state"] == "active")
+            .unwrap_or_else(|| panic!("layer {name} missing from the session report: {v}"))
+    };
+    // Landlock: ask the kernel for its ABI version directly.
+    let abi = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import ctypes; print(ctypes.CDLL(None, use_errno=True).syscall(444, None, 0, 1))",
+        ])
+        .output()
+        .expect("python3");
+    let abi: i64 = String::from_utf8_lossy(&abi.stdout)
+        .trim()
+        .parse()
+        .expect("an integer");
+    assert_eq!(available("landlock"), abi > 0, "kernel says ABI {abi}: {v}");
+    if abi > 0 {
+        assert_eq!(v["sandbox"]["landlock_abi"], abi, "{v}");
+    }
+    // seccomp: the kernel lists its filter actions when filters are supported.
+    let seccomp = std::path::Path::new("/proc/sys/kernel/seccomp/actions_avail").exists();
+    assert_eq!(available("seccomp"), seccomp, "{v}");
+    // User namespaces: try one with util-linux's unshare, when installed.
+    if let Ok(out) = std::process::Command::new("unshare")
+        .args(["-Ur", "true"])
+        .output()
+    {
+        assert_eq!(available("user_ns"), out.status.success(), "{v}");
+    }
+    // The default (standard, best-effort) policy applies every available layer it names.
+    for layer in [
+        "user_ns",
+        "net_ns",
+        "landlock",
+        "seccomp",
+        "rlimits",
+        "no_new_privs",
+    ] {
+        assert_eq!(active(layer), available(layer), "{layer}: {v}");
+    }
 }
 
 #[test]
