@@ -267,6 +267,8 @@ pub struct ConfigDto {
     pub scratch_root: Option<PathBuf>,
     /// Names of the extra environment variables.
     pub env_keys: Vec<String>,
+    /// The sandbox policy in force (preset and every layer and limit).
+    pub sandbox: capsule_sandbox::Policy,
 }
 
 fn ms(d: std::time::Duration) -> u64 {
@@ -291,6 +293,7 @@ impl From<&SessionConfig> for ConfigDto {
             cache_dir: c.cache_dir.clone(),
             scratch_root: c.scratch_root.clone(),
             env_keys: c.env.iter().map(|(k, _)| k.clone()).collect(),
+            sandbox: c.sandbox.clone(),
         }
     }
 }
@@ -348,8 +351,21 @@ pub struct InfoDto {
     pub faults: u64,
     /// Scratch directory.
     pub scratch_dir: PathBuf,
+    /// Sandbox layers of the current worker: name, state (active/missing/disabled), detail.
+    pub sandbox: Vec<SandboxLayerDto>,
     /// Effective configuration.
     pub config: ConfigDto,
+}
+
+/// One sandbox layer in `info`.
+#[derive(Debug, Serialize)]
+pub struct SandboxLayerDto {
+    /// Layer name.
+    pub name: String,
+    /// `active`, `missing` or `disabled`.
+    pub state: String,
+    /// What it enforces, or why it is missing.
+    pub detail: String,
 }
 
 impl From<&SessionInfo> for InfoDto {
@@ -381,6 +397,15 @@ impl From<&SessionInfo> for InfoDto {
             protocol_errors: i.protocol_errors,
             faults: i.faults,
             scratch_dir: i.scratch_dir.clone(),
+            sandbox: i
+                .sandbox
+                .iter()
+                .map(|l| SandboxLayerDto {
+                    name: l.name.clone(),
+                    state: l.state.clone(),
+                    detail: l.detail.clone(),
+                })
+                .collect(),
             config: ConfigDto::from(&i.config),
         }
     }
