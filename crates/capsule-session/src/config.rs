@@ -12,6 +12,18 @@ use crate::error::ConfigError;
 
 /// Effective settings of one session. Build with [`SessionConfig::default`] or
 /// [`SessionConfig::from_env`], then override fields explicitly.
+///
+/// ```
+/// use std::time::Duration;
+/// use capsule_session::SessionConfig;
+/// // Environment first, then explicit settings win (BRIEF §3.11).
+/// let mut config = SessionConfig::default()
+///     .with_env(|key| (key == "CAPSULE_CANCEL_GRACE_MS").then(|| "250".to_string()))?;
+/// assert_eq!(config.cancel_grace, Duration::from_millis(250));
+/// config.default_timeout = Some(Duration::from_secs(30));
+/// config.sandbox = capsule_session::config::load_policy("strict")?;
+/// # Ok::<(), capsule_session::ConfigError>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct SessionConfig {
     /// Interpreter (a binary, a venv's `bin/python`, or a venv directory). `None`: `$CAPSULE_PYTHON`,

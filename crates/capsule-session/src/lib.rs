@@ -21,8 +21,8 @@
 //!
 //! Tests: unit tests beside the code; end-to-end tests with real Python workers in `tests/`.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), capsule_session::SessionError> {
+//! ```
+//! # tokio::runtime::Runtime::new().expect("runtime").block_on(async {
 //! use capsule_session::{Event, Session, SessionConfig};
 //! let session = Session::start(SessionConfig::from_env()?).await?;
 //! let mut exec = session.execute("name = input('Name: ')\nprint('Hi', name)").await?;
@@ -34,7 +34,8 @@
 //!         Event::Display { .. } => {}
 //!     }
 //! }
-//! # Ok(()) }
+//! # Ok::<(), capsule_session::SessionError>(())
+//! # }).expect("example");
 //! ```
 #![warn(missing_docs)]
 

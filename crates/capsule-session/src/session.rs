@@ -195,16 +195,17 @@ pub struct Collected {
 
 /// A handle to one persistent Python session.
 ///
-/// ```no_run
-/// # async fn demo() -> Result<(), capsule_session::SessionError> {
-/// use capsule_session::{Session, SessionConfig, OutcomeStatus};
-/// let session = Session::start(SessionConfig::default()).await?;
+/// ```
+/// # tokio::runtime::Runtime::new().expect("runtime").block_on(async {
+/// use capsule_session::{OutcomeStatus, Session, SessionConfig};
+/// let session = Session::start(SessionConfig::from_env()?).await?;
 /// session.run("x = 6 * 7").await?;
 /// let done = session.run("print('hi'); x").await?;
 /// assert_eq!(done.stdout, "hi\n");
 /// assert!(matches!(done.outcome.status, OutcomeStatus::Ok { ref repr, .. } if repr == "42"));
 /// session.shutdown().await?;
-/// # Ok(()) }
+/// # Ok::<(), capsule_session::SessionError>(())
+/// # }).expect("example");
 /// ```
 #[derive(Clone)]
 pub struct Session {
@@ -360,6 +361,23 @@ impl Session {
 }
 
 /// Control of one execution: cancel, interrupt, answer input. Clonable, usable from any task.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().expect("runtime").block_on(async {
+/// use capsule_session::{Event, OutcomeStatus, Session, SessionConfig};
+/// let session = Session::start(SessionConfig::from_env()?).await?;
+/// let mut exec = session.execute("print('go', flush=True)\nwhile True: pass").await?;
+/// let handle = exec.handle();
+/// while let Some(event) = exec.next().await {
+///     match event {
+///         Event::Output { .. } => handle.cancel().await?,
+///         Event::Outcome(o) => assert_eq!(o.status, OutcomeStatus::Cancelled),
+///         _ => {}
+///     }
+/// }
+/// # Ok::<(), capsule_session::SessionError>(())
+/// # }).expect("example");
+/// ```
 #[derive(Clone, Debug)]
 pub struct ExecHandle {
     exec: String,
@@ -412,6 +430,25 @@ impl ExecHandle {
 }
 
 /// One queued or running cell: a stream of [`Event`]s ending in exactly one outcome.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().expect("runtime").block_on(async {
+/// use capsule_session::{Event, OutcomeStatus, Session, SessionConfig};
+/// let session = Session::start(SessionConfig::from_env()?).await?;
+/// let mut exec = session.execute("name = input('Name: ')\nprint('Hi', name)").await?;
+/// let mut out = String::new();
+/// while let Some(event) = exec.next().await {
+///     match event {
+///         Event::InputRequest { req, .. } => exec.reply_input(&req, Some("Ada".into())).await?,
+///         Event::Output { text, .. } => out.push_str(&text),
+///         Event::Outcome(o) => assert!(matches!(o.status, OutcomeStatus::Ok { .. })),
+///         Event::Display { .. } => {}
+///     }
+/// }
+/// assert_eq!(out, "Hi Ada\n");
+/// # Ok::<(), capsule_session::SessionError>(())
+/// # }).expect("example");
+/// ```
 #[derive(Debug)]
 pub struct Execution {
     handle: ExecHandle,
