@@ -259,7 +259,8 @@ pub(crate) async fn start(
     };
     actor.spawn_worker().await?;
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
-    tokio::spawn(actor.run(cmd_rx));
+    let span = tracing::info_span!("session", id = %actor.id);
+    tokio::spawn(tracing::Instrument::instrument(actor.run(cmd_rx), span));
     Ok(cmd_tx)
 }
 
@@ -490,6 +491,7 @@ impl Actor {
             return;
         }
         self.routes.mark_cancel(&exec, CancelReason::User);
+        tracing::debug!(%exec, "cancel sent (cooperative rung)");
         self.start_cancel(exec).await;
     }
 
@@ -609,6 +611,9 @@ impl Actor {
         status: impl FnOnce(Option<CancelReason>) -> OutcomeStatus,
     ) {
         if let Some((tx, events)) = self.routes.finish(exec, status, None) {
+            if let Some(Event::Outcome(o)) = events.last() {
+                tracing::debug!(%exec, status = o.status.name(), "host-made outcome");
+            }
             self.count_outcome(&events);
             for ev in events {
                 let _ = tx.send(ev).await;
@@ -663,6 +668,7 @@ impl Actor {
                     if !self.routes.contains(&exec) {
                         continue;
                     }
+                    tracing::debug!(%exec, ?timeout, queued = self.queue.len(), "cell dispatched");
                     self.current = Some(Current::Cell {
                         exec: exec.clone(),
                         deadline: timeout.map(|t| Instant::now() + t),

@@ -242,6 +242,7 @@ impl Reader {
                 let (mut error, mut truncated) = (false, false);
                 if let Some((tx, events)) = finished {
                     if let Some(Event::Outcome(o)) = events.last() {
+                        tracing::debug!(%exec, status = o.status.name(), duration_ms, "outcome");
                         error = matches!(o.status, OutcomeStatus::Error { .. });
                         truncated = o.truncated.is_some();
                     }
