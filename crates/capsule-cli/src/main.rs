@@ -11,6 +11,7 @@
 //! * [`stdio`]: `capsule stdio`, JSON lines per the client event model.
 //! * [`repl`]: `capsule repl`, an interactive Python-like prompt (rustyline).
 //! * [`doctor`]: `capsule doctor`, what this machine offers.
+//! * [`pool`]: `capsule pool status`, a session pool's report.
 //!
 //! **Architecture invariant:** this crate is glue. It never talks to a worker except through
 //! `capsule-session`'s public API, and it is the only crate in the workspace allowed `anyhow`.
@@ -27,6 +28,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 mod doctor;
 mod exec;
 mod model;
+mod pool;
 mod repl;
 mod settings;
 mod stdio;
@@ -109,6 +111,9 @@ enum Command {
     Repl,
     /// JSON lines on stdin/stdout: the client event model v1 (docs/api.md).
     Stdio,
+    /// Session pool tools (`capsule pool status [--json]`).
+    #[command(subcommand)]
+    Pool(pool::PoolCommand),
     /// Report the interpreter, the worker cache and what the sandbox can use here.
     Doctor {
         /// Print the report as JSON.
@@ -235,6 +240,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Some(Command::Stdio) => {
             let config = settings::resolve(&global)?;
             stdio::run(config).await
+        }
+        Some(Command::Pool(cmd)) => {
+            let config = settings::resolve(&global)?;
+            pool::run(config, cmd).await
         }
         Some(Command::Doctor { json }) => {
             let config = settings::resolve(&global)?;

@@ -768,6 +768,7 @@ impl Inner {
         let t0 = Instant::now();
         let result = self.build().await;
         let latency = t0.elapsed();
+        let rss = result.as_ref().ok().and_then(|(e, _)| read_rss(e.live.pid));
         let mut stop_it = None;
         {
             let mut st = self.lock();
@@ -788,7 +789,7 @@ impl Inner {
                             id: entry.session.id().to_string(),
                             pid: Some(entry.live.pid),
                             state: "idle",
-                            rss: None,
+                            rss,
                             executions: 0,
                             uses: 0,
                             created: now,

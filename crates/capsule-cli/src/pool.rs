@@ -1,0 +1,139 @@
+//! `capsule pool status [--json]`: starts a session pool with the effective configuration
+//! (flags > `CAPSULE_POOL_*` / `CAPSULE_*` environment > defaults), waits until `min_idle`
+//! sessions are warm, prints [`capsule_pool::PoolInfo`] and stops the pool.
+//!
+//! Glue only: the pool's logic lives in `capsule-pool`; this module converts its report to
+//! text or JSON at the edge.
+
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use capsule_pool::{PoolConfig, SessionPool};
+use capsule_session::SessionConfig;
+use clap::Subcommand;
+
+use crate::{code, Failure};
+
+/// `capsule pool ...` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Start a pool, wait for its warm sessions, print its status (hit rate, creation latency,
+    /// warm imports, breaker, per-session RSS) and stop it.
+    Status {
+        /// Print PoolInfo as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Sessions to keep warm (overrides CAPSULE_POOL_MIN_IDLE).
+        #[arg(long)]
+        min_idle: Option<usize>,
+        /// Maximum sessions (overrides CAPSULE_POOL_MAX_SESSIONS).
+        #[arg(long)]
+        max_sessions: Option<usize>,
+        /// Comma-separated modules to import in every session (overrides
+        /// CAPSULE_POOL_WARM_IMPORTS).
+        #[arg(long, value_delimiter = ',')]
+        warm_imports: Option<Vec<String>>,
+    },
+}
+
+/// Runs a `capsule pool` subcommand with the resolved session configuration.
+pub async fn run(session: SessionConfig, cmd: PoolCommand) -> Result<u8, Failure> {
+    let PoolCommand::Status {
+        json,
+        min_idle,
+        max_sessions,
+        warm_imports,
+    } = cmd;
+    let mut config = PoolConfig {
+        session,
+        ..PoolConfig::default()
+    }
+    .with_env(|k| std::env::var(k).ok())
+    .map_err(Failure::usage)?;
+    if let Some(n) = max_sessions {
+        config.max_sessions = n;
+    }
+    if let Some(n) = min_idle {
+        config.min_idle = n;
+    }
+    if let Some(w) = warm_imports {
+        config.warm_imports = w;
+    }
+    config.validate().map_err(Failure::usage)?;
+    let t0 = Instant::now();
+    let pool = SessionPool::start(config).await.map_err(Failure::start)?;
+    let ready = tokio::time::timeout(Duration::from_secs(120), pool.wait_ready()).await;
+    let elapsed = t0.elapsed();
+    let info = pool.info();
+    pool.stop().await;
+    match ready {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(Failure::start(e)),
+        Err(_) => {
+            return Err(Failure::start(anyhow!(
+                "the pool did not become ready in 120 s"
+            )))
+        }
+    }
+    if json {
+        let mut v = serde_json::to_value(&info).map_err(|e| Failure::from(anyhow!(e)))?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "ready_ms".into(),
+                serde_json::json!(elapsed.as_secs_f64() * 1000.0),
+            );
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| Failure::from(anyhow!(e)))?
+        );
+        return Ok(code::OK);
+    }
+    println!(
+        "pool {}  (ready in {:.1} ms)",
+        info.fingerprint,
+        elapsed.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  sessions: {} idle, {} active, {} total (min_idle {}, max {})",
+        info.idle, info.active, info.total, info.config.min_idle, info.config.max_sessions
+    );
+    for (path, h) in &info.creation_latency {
+        println!(
+            "  created via {path}: {} (mean {:.1} ms incl. warm-up)",
+            info.created_by_path.get(path).copied().unwrap_or(0),
+            h.mean_us / 1000.0
+        );
+    }
+    println!(
+        "  breaker: {} ({} consecutive failures){}",
+        info.breaker.state.as_str(),
+        info.breaker.consecutive_failures,
+        info.breaker
+            .last_error
+            .as_deref()
+            .map(|e| format!(", last error: {e}"))
+            .unwrap_or_default()
+    );
+    for w in &info.warm_imports {
+        match &w.last_error {
+            None => println!(
+                "  warm import {}: ok, {:.1} ms",
+                w.module, w.mean_latency_ms
+            ),
+            Some(e) => println!("  warm import {}: FAILED ({e})", w.module),
+        }
+    }
+    for s in &info.sessions {
+        println!(
+            "  session {} pid {} {} rss {}",
+            s.id,
+            s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            s.state,
+            s.rss_bytes
+                .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+                .unwrap_or_else(|| "?".into())
+        );
+    }
+    Ok(code::OK)
+}

@@ -1,0 +1,107 @@
+//! Pool benchmark (not a test: no thresholds). Prints medians and p99s, next to a plain
+//! `Session::start` measured in the same run:
+//!
+//! * plain spawn: `Session::start` → ready (the floor a pool hides);
+//! * pool creation: start + warm-up cell, as recorded by the pool's histogram;
+//! * pool start with `min_idle = 4` until 4 sessions are ready;
+//! * warm acquire (idle hit), measured around `acquire()` by the caller.
+//!
+//! Run: `cargo run --release -p capsule-pool --example pool_bench [ROUNDS]`
+
+use std::time::{Duration, Instant};
+
+use capsule_pool::{PoolConfig, SessionPool};
+use capsule_session::{Session, SessionConfig};
+
+fn pct(samples: &mut [Duration], q: f64) -> f64 {
+    samples.sort();
+    let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+    samples[i].as_secs_f64() * 1e6
+}
+
+fn line(name: &str, samples: &mut [Duration]) {
+    println!(
+        "{name:<40} n={:<5} p50={:>10.1} us  p99={:>10.1} us",
+        samples.len(),
+        pct(samples, 0.5),
+        pct(samples, 0.99)
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(200);
+    let mut session = SessionConfig::from_env()?;
+    session.heartbeat = None;
+
+    // Plain spawn.
+    let mut plain = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let s = Session::start(session.clone()).await?;
+        plain.push(t.elapsed());
+        s.shutdown().await?;
+    }
+    line("plain spawn: Session::start -> ready", &mut plain);
+
+    // Pool start to min_idle = 4.
+    let mut starts = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let pool = SessionPool::start(PoolConfig {
+            min_idle: 4,
+            max_sessions: 4,
+            session: session.clone(),
+            ..PoolConfig::default()
+        })
+        .await?;
+        pool.wait_ready().await?;
+        starts.push(t.elapsed());
+        pool.stop().await;
+    }
+    line("pool start, min_idle=4 -> 4 ready", &mut starts);
+
+    // Warm acquire.
+    let n = 8;
+    let pool = SessionPool::start(PoolConfig {
+        min_idle: n,
+        max_sessions: n,
+        session: session.clone(),
+        ..PoolConfig::default()
+    })
+    .await?;
+    pool.wait_ready().await?;
+    let mut hits = Vec::new();
+    for _ in 0..rounds {
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let s = pool.acquire(Duration::from_secs(10)).await?;
+            hits.push(t.elapsed());
+            held.push(s);
+        }
+        drop(held);
+        pool.wait_until(|i| i.idle == n).await;
+    }
+    line("warm acquire (idle hit)", &mut hits);
+    let info = pool.info();
+    for (path, h) in &info.creation_latency {
+        println!(
+            "{:<40} n={:<5} p50<={:>9} us  p99<={:>9} us  mean={:.1} us",
+            format!("pool creation ({path}) incl. warm-up"),
+            h.count,
+            h.p50_le_us.unwrap_or(0),
+            h.p99_le_us.unwrap_or(0),
+            h.mean_us
+        );
+    }
+    println!(
+        "pool hit histogram: p50<={:?} us p99<={:?} us (bucket bounds), hit rate {:.3}",
+        info.hit_latency.p50_le_us, info.hit_latency.p99_le_us, info.hit_rate
+    );
+    pool.stop().await;
+    Ok(())
+}
