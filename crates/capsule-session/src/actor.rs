@@ -31,7 +31,7 @@ use tokio::time::sleep_until;
 use crate::config::SessionConfig;
 use crate::error::SessionError;
 use crate::event::{Event, KillReason, OutcomeStatus};
-use crate::process::{kill_group, spawn_worker, Captures, LogTail};
+use crate::process::{kill_group, spawn_worker, Captures, Launcher, LogTail};
 use crate::reader::{Notice, Reader};
 use crate::routes::{CancelReason, Routes};
 use crate::session::{
@@ -166,6 +166,8 @@ struct Worker {
 
 struct Actor {
     id: String,
+    /// Starts workers instead of a plain spawn when set (the fork server); spawn is the fallback.
+    launcher: Option<Arc<dyn Launcher>>,
     config: SessionConfig,
     interp: Interpreter,
     bundle: WorkerBundle,
@@ -201,6 +203,7 @@ pub(crate) async fn start(
     id: String,
     config: SessionConfig,
     background: broadcast::Sender<BackgroundEvent>,
+    launcher: Option<Arc<dyn Launcher>>,
 ) -> Result<mpsc::Sender<Command>, SessionError> {
     let interp = capsule_worker::resolve_interpreter(config.python.as_deref())?;
     let bundle = capsule_worker::materialize(config.cache_dir.as_deref())?;
@@ -229,6 +232,7 @@ pub(crate) async fn start(
     let (notices_tx, notices) = mpsc::channel(64);
     let mut actor = Actor {
         id,
+        launcher,
         routes: Arc::new(Routes::new(config.output_budget)),
         config,
         interp,
@@ -280,6 +284,7 @@ impl Actor {
             &self.interp,
             &self.bundle,
             self.scratch.path(),
+            self.launcher.as_deref(),
         )
         .await?;
         self.gen += 1;
@@ -297,13 +302,13 @@ impl Actor {
             background: self.background.clone(),
         };
         tokio::spawn(reader.run());
-        let mut child = spawned.child;
+        let exit = spawned.exit;
         let notices = self.notices_tx.clone();
         tokio::spawn(async move {
-            let status = child.wait().await.ok();
+            let status = exit.await;
             let _ = notices.send(Notice::Exited { gen, status }).await;
         });
-        tracing::debug!(session = %self.id, pid = spawned.pid, gen, latency_ms = spawned.start_latency.as_secs_f64() * 1000.0, "worker ready");
+        tracing::debug!(session = %self.id, pid = spawned.pid, gen, latency_ms = spawned.start_latency.as_secs_f64() * 1000.0, launched_by = spawned.launched_by, "worker ready");
         self.last_python = spawned.hello.python.clone();
         self.last_version = spawned.version;
         self.worker = Some(Worker {

@@ -51,6 +51,7 @@ pub mod session;
 pub use config::SessionConfig;
 pub use error::{ConfigError, SessionError};
 pub use event::{Event, KillReason, Outcome, OutcomeStatus, Stream, Truncation};
+pub use process::{ExitFuture, LaunchRequest, Launched, Launcher};
 pub use session::{
     BackgroundEvent, Checkpoint, Collected, ExecHandle, ExecuteRequest, Execution, SandboxLayer,
     Session, SessionInfo, SessionState,

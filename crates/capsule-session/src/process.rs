@@ -7,9 +7,11 @@
 //! started die with the worker.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::process::Stdio;
+use std::pin::Pin;
+use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,17 +26,60 @@ use capsule_worker::{
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
-use tokio::process::Child;
 
 use crate::config::SessionConfig;
 use crate::error::SessionError;
+
+/// A future resolving with a worker's exit status (`None` when it cannot be known).
+pub type ExitFuture = Pin<Box<dyn Future<Output = Option<ExitStatus>> + Send>>;
+
+/// What a [`Launcher`] is asked to start.
+#[derive(Debug)]
+pub struct LaunchRequest<'a> {
+    /// The session.
+    pub session_id: &'a str,
+    /// Descriptors to place in the worker, in this order: data (→ 3), events (→ 4), control
+    /// (→ 5), stdout-capture read end (→ 6), stderr-capture read end (→ 7), log (→ 8),
+    /// stdout-capture write end (→ 1), stderr-capture write end (→ 2). They stay owned by the
+    /// session, which closes its copies once the launch future resolves.
+    pub fds: [RawFd; 8],
+    /// The worker's working directory (its scratch dir).
+    pub scratch: &'a Path,
+    /// The worker's complete environment.
+    pub env: &'a [(String, String)],
+}
+
+/// A worker a [`Launcher`] started.
+pub struct Launched {
+    /// Its pid; it must lead its own process group (kills are `kill(-pid)`).
+    pub pid: u32,
+    /// Resolves when it exits.
+    pub exit: ExitFuture,
+}
+
+/// Starts worker processes some other way than a fresh spawn (the fork-server seam, used by
+/// `capsule-pool`). The worker must run the normal worker `main` on the given descriptors and
+/// say hello on fd 4 exactly as a spawned one. Used only when the session's sandbox policy is
+/// unconfined (per-session sandbox layers are applied by the spawn path only); on any launch
+/// error the session falls back to a plain spawn.
+pub trait Launcher: Send + Sync + std::fmt::Debug {
+    /// A stable name for logs and metrics (e.g. `fork`).
+    fn name(&self) -> &'static str;
+    /// Starts one worker.
+    fn launch<'a>(
+        &'a self,
+        req: LaunchRequest<'a>,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Launched>> + Send + 'a>>;
+}
 
 /// A live worker process right after a successful handshake.
 pub(crate) struct Spawned {
     /// OS pid (also the process-group id).
     pub pid: u32,
-    /// The child, for its exit status. Owned by the waiter task after spawn.
-    pub child: Child,
+    /// Resolves with the worker's exit status (`None`: unknown). Owned by the waiter task.
+    pub exit: ExitFuture,
+    /// How the worker was started (`spawn`, or the launcher's name).
+    pub launched_by: &'static str,
     /// Write end of the data pipe (worker fd 3).
     pub data: pipe::Sender,
     /// Write end of the control pipe (worker fd 5).
@@ -177,6 +222,7 @@ pub(crate) async fn spawn_worker(
     interp: &Interpreter,
     bundle: &WorkerBundle,
     scratch: &Path,
+    launcher: Option<&dyn Launcher>,
 ) -> Result<Spawned, SessionError> {
     let started = Instant::now();
     let (data_r, data_w) = cloexec_pipe().map_err(io_err("creating the data pipe"))?;
@@ -222,69 +268,115 @@ pub(crate) async fn spawn_worker(
         extra_env,
     };
     let mut sandbox = capsule_sandbox::prepare(&config.sandbox, &spec)?;
-    let mut cmd = tokio::process::Command::new(&interp.executable);
-    cmd.args(capsule_worker::bootstrap_args(bundle))
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out_w))
-        .stderr(Stdio::from(err_w))
-        .current_dir(scratch)
-        .process_group(0)
-        .kill_on_drop(true);
-    let moves = [
-        (child_data.as_raw_fd(), DATA_FD),
-        (child_ev.as_raw_fd(), EVENT_FD),
-        (child_ctl.as_raw_fd(), CONTROL_FD),
-        (child_out_r.as_raw_fd(), STDOUT_CAPTURE_FD),
-        (child_err_r.as_raw_fd(), STDERR_CAPTURE_FD),
-        (child_log.as_raw_fd(), LOG_FD),
-    ];
-    let parent_pid = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
-    // (dup2, prctl, getppid, _exit) on integers captured by value: no allocation, no locks.
-    unsafe {
-        cmd.pre_exec(move || {
-            for (src, dst) in moves {
-                if libc::dup2(src, dst) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+    let mut launched = None;
+    if let Some(launcher) = launcher.filter(|_| config.sandbox.is_unconfined()) {
+        let req = LaunchRequest {
+            session_id,
+            fds: [
+                child_data.as_raw_fd(),
+                child_ev.as_raw_fd(),
+                child_ctl.as_raw_fd(),
+                child_out_r.as_raw_fd(),
+                child_err_r.as_raw_fd(),
+                child_log.as_raw_fd(),
+                out_w.as_raw_fd(),
+                err_w.as_raw_fd(),
+            ],
+            scratch,
+            env: &spec.extra_env,
+        };
+        match launcher.launch(req).await {
+            Ok(l) => launched = Some((l.pid, l.exit, launcher.name())),
+            Err(e) => {
+                tracing::warn!(session = %session_id, launcher = launcher.name(), error = %e, "launcher failed; falling back to a plain spawn");
             }
-            // Die with the host even if the worker's reader thread cannot run (a cell holding
-            // the GIL in C code). EOF on the control pipe is the primary mechanism.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            if libc::getppid() != parent_pid {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
+        }
     }
-    // Registered after the descriptor moves above, so it runs second in the child.
-    sandbox.install(cmd.as_std_mut())?;
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(source) => {
-            return Err(match sandbox.explain_spawn_error(&source) {
-                e @ capsule_sandbox::SandboxError::ChildSetup { .. } => e.into(),
-                _ => SessionError::Spawn {
-                    program: interp.executable.display().to_string(),
-                    source,
-                },
-            })
+    let (pid, exit, launched_by) = match launched {
+        Some(l) => {
+            drop((
+                child_data,
+                child_ev,
+                child_ctl,
+                child_out_r,
+                child_err_r,
+                child_log,
+                out_w,
+                err_w,
+            ));
+            l
+        }
+        None => {
+            let mut cmd = tokio::process::Command::new(&interp.executable);
+            cmd.args(capsule_worker::bootstrap_args(bundle))
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(out_w))
+                .stderr(Stdio::from(err_w))
+                .current_dir(scratch)
+                .process_group(0)
+                .kill_on_drop(true);
+            let moves = [
+                (child_data.as_raw_fd(), DATA_FD),
+                (child_ev.as_raw_fd(), EVENT_FD),
+                (child_ctl.as_raw_fd(), CONTROL_FD),
+                (child_out_r.as_raw_fd(), STDOUT_CAPTURE_FD),
+                (child_err_r.as_raw_fd(), STDERR_CAPTURE_FD),
+                (child_log.as_raw_fd(), LOG_FD),
+            ];
+            let parent_pid = std::process::id() as libc::pid_t;
+            // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
+            // (dup2, prctl, getppid, _exit) on integers captured by value: no allocation, no locks.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (src, dst) in moves {
+                        if libc::dup2(src, dst) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    // Die with the host even if the worker's reader thread cannot run (a cell holding
+                    // the GIL in C code). EOF on the control pipe is the primary mechanism.
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                    if libc::getppid() != parent_pid {
+                        libc::_exit(1);
+                    }
+                    Ok(())
+                });
+            }
+            // Registered after the descriptor moves above, so it runs second in the child.
+            sandbox.install(cmd.as_std_mut())?;
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(source) => {
+                    return Err(match sandbox.explain_spawn_error(&source) {
+                        e @ capsule_sandbox::SandboxError::ChildSetup { .. } => e.into(),
+                        _ => SessionError::Spawn {
+                            program: interp.executable.display().to_string(),
+                            source,
+                        },
+                    })
+                }
+            };
+            drop((
+                child_data,
+                child_ev,
+                child_ctl,
+                child_out_r,
+                child_err_r,
+                child_log,
+            ));
+            let pid = child.id().unwrap_or(0);
+            if let Err(e) = sandbox.after_spawn(pid) {
+                kill_group(pid);
+                let _ = child.wait().await;
+                return Err(e.into());
+            }
+            (
+                pid,
+                Box::pin(async move { child.wait().await.ok() }) as ExitFuture,
+                "spawn",
+            )
         }
     };
-    drop((
-        child_data,
-        child_ev,
-        child_ctl,
-        child_out_r,
-        child_err_r,
-        child_log,
-    ));
-    let pid = child.id().unwrap_or(0);
-    if let Err(e) = sandbox.after_spawn(pid) {
-        kill_group(pid);
-        let _ = child.wait().await;
-        return Err(e.into());
-    }
 
     let log_tail = LogTail::default();
     let log_task = spawn_log_task(session_id, log_r, log_tail.clone())?;
@@ -308,7 +400,7 @@ pub(crate) async fn spawn_worker(
         Ok(h) => h,
         Err(reason) => {
             kill_group(pid);
-            let status = child.wait().await.ok();
+            let status = exit.await;
             // The log pipe reaches EOF once the (dead) worker's descriptors are gone.
             let _ = tokio::time::timeout(Duration::from_secs(2), log_task).await;
             // Interpreter start-up errors go to fd 2, the stderr capture pipe.
@@ -332,7 +424,7 @@ pub(crate) async fn spawn_worker(
         Ok(n) => n,
         Err(e) => {
             kill_group(pid);
-            let _ = child.wait().await;
+            let _ = exit.await;
             return Err(e.into());
         }
     };
@@ -357,14 +449,15 @@ pub(crate) async fn spawn_worker(
     encode_message(&ack, &[], config.max_frame, &mut buf)?;
     if let Err(e) = data.write_all(&buf).await {
         kill_group(pid);
-        let _ = child.wait().await;
+        let _ = exit.await;
         return Err(SessionError::Handshake {
             reason: format!("could not send hello_ack: {e}"),
         });
     }
     Ok(Spawned {
         pid,
-        child,
+        exit,
+        launched_by,
         data,
         control,
         events,

@@ -241,11 +241,22 @@ fn new_session_id() -> String {
 impl Session {
     /// Starts a worker and returns once it is ready for cells.
     pub async fn start(config: SessionConfig) -> Result<Session, SessionError> {
+        Self::start_with(config, None).await
+    }
+
+    /// Like [`Session::start`], with a [`crate::Launcher`] that starts this session's workers
+    /// (its first and any respawned one) instead of a plain spawn, e.g. a fork server. A launch
+    /// error falls back to a plain spawn; the launcher is used only under an unconfined
+    /// sandbox policy.
+    pub async fn start_with(
+        config: SessionConfig,
+        launcher: Option<Arc<dyn crate::Launcher>>,
+    ) -> Result<Session, SessionError> {
         config.validate()?;
         let id = new_session_id();
         let (background, _) = broadcast::channel(256);
         let event_queue = config.event_queue;
-        let cmd = actor::start(id.clone(), config, background.clone()).await?;
+        let cmd = actor::start(id.clone(), config, background.clone(), launcher).await?;
         Ok(Session {
             shared: Arc::new(Shared {
                 id,
