@@ -81,6 +81,10 @@ pub struct PoolConfig {
     /// Baseline period of the health check (it also runs on release and worker death).
     /// Env: `CAPSULE_POOL_HEALTH_MS`.
     pub health_interval: Duration,
+    /// Create sessions by forking a warm template (the fork server) instead of spawning an
+    /// interpreter. Only effective under an unconfined sandbox policy (see `docs/operations.md`);
+    /// plain spawn is always the fallback. Env: `CAPSULE_POOL_FORK` (`0`/`1`).
+    pub fork_server: bool,
     /// Configuration of every session.
     pub session: SessionConfig,
 }
@@ -98,6 +102,7 @@ impl Default for PoolConfig {
             warm_imports: Vec::new(),
             breaker: BreakerConfig::default(),
             health_interval: Duration::from_secs(5),
+            fork_server: true,
             session: SessionConfig::default(),
         }
     }
@@ -194,6 +199,19 @@ impl PoolConfig {
             self.breaker.max_backoff =
                 Duration::from_millis(parse_num("CAPSULE_POOL_BREAKER_MAX_MS", &v)?);
         }
+        if let Some(v) = get("CAPSULE_POOL_FORK") {
+            self.fork_server = match v.trim() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        key: "CAPSULE_POOL_FORK",
+                        value: v,
+                        reason: "expected 0 or 1".into(),
+                    })
+                }
+            };
+        }
         if let Some(v) = get("CAPSULE_POOL_HEALTH_MS") {
             self.health_interval = Duration::from_millis(parse_num("CAPSULE_POOL_HEALTH_MS", &v)?);
         }
@@ -267,6 +285,7 @@ impl PoolConfig {
         self.session.enable_site.hash(&mut h);
         self.session.sys_path.hash(&mut h);
         self.warm_imports.hash(&mut h);
+        format!("{:?}", self.session.sandbox).hash(&mut h);
         format!("{:016x}", h.finish())
     }
 }

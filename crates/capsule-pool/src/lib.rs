@@ -36,6 +36,7 @@
 pub mod breaker;
 pub mod config;
 pub mod error;
+pub mod fork;
 mod liveness;
 pub mod metrics;
 mod pool;
@@ -43,6 +44,7 @@ mod pool;
 pub use breaker::{BreakerState, BreakerTransition};
 pub use config::{BreakerConfig, PoolConfig, Reuse};
 pub use error::PoolError;
+pub use fork::{ForkInfo, ForkServer};
 pub use metrics::{
     CreatePath, EvictReason, HistogramSnapshot, PoolInfo, SessionSummary, WarmImportInfo,
 };

@@ -145,6 +145,8 @@ impl EvictReason {
 pub enum CreatePath {
     /// A fresh interpreter process (`posix_spawn`/fork+exec).
     Spawn,
+    /// Forked from the warm template (the fork server).
+    Fork,
 }
 
 impl CreatePath {
@@ -152,6 +154,7 @@ impl CreatePath {
     pub fn as_str(self) -> &'static str {
         match self {
             CreatePath::Spawn => "spawn",
+            CreatePath::Fork => "fork",
         }
     }
 }
@@ -183,6 +186,8 @@ pub struct ConfigSummary {
     pub breaker_max_backoff_ms: u64,
     /// `health_interval` in ms.
     pub health_interval_ms: u64,
+    /// `fork_server`.
+    pub fork_server: bool,
     /// The session interpreter as configured.
     pub python: Option<String>,
 }
@@ -202,6 +207,7 @@ impl From<&PoolConfig> for ConfigSummary {
             breaker_base_backoff_ms: c.breaker.base_backoff.as_millis() as u64,
             breaker_max_backoff_ms: c.breaker.max_backoff.as_millis() as u64,
             health_interval_ms: c.health_interval.as_millis() as u64,
+            fork_server: c.fork_server,
             python: c.session.python.as_ref().map(|p| p.display().to_string()),
         }
     }
@@ -305,6 +311,8 @@ pub struct PoolInfo {
     pub creation_latency: BTreeMap<&'static str, HistogramSnapshot>,
     /// Failed creations.
     pub creation_failures: u64,
+    /// The fork server.
+    pub fork: crate::fork::ForkInfo,
     /// Sessions evicted, by reason.
     pub evictions: BTreeMap<&'static str, u64>,
     /// Circuit breaker.

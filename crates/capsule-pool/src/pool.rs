@@ -27,13 +27,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use capsule_session::{ExecuteRequest, OutcomeStatus, Session, SessionState};
+use capsule_session::{ExecuteRequest, Launcher, OutcomeStatus, Session, SessionState};
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::breaker::{jitter, Breaker};
 use crate::config::{PoolConfig, Reuse};
 use crate::error::PoolError;
+use crate::fork::{ForkInfo, ForkServer};
 use crate::liveness::Liveness;
 use crate::metrics::{
     BreakerInfo, ConfigSummary, CreatePath, EvictReason, Histogram, PoolInfo, SessionSummary,
@@ -95,7 +96,11 @@ struct Inner {
     acquire_latency: Histogram,
     hit_latency: Histogram,
     spawn_latency: Histogram,
+    fork_latency: Histogram,
     created: AtomicU64,
+    created_fork: AtomicU64,
+    fork: Option<Arc<ForkServer>>,
+    fork_disabled: Option<String>,
     creation_failures: AtomicU64,
     health_passes: AtomicU64,
 }
@@ -266,6 +271,20 @@ impl SessionPool {
     /// inside a tokio runtime.
     pub async fn start(config: PoolConfig) -> Result<SessionPool, PoolError> {
         config.validate()?;
+        let (fork, fork_disabled) = if !config.fork_server {
+            (
+                None,
+                Some("disabled by configuration (fork_server = false)".to_string()),
+            )
+        } else {
+            match ForkServer::new(&config.session, &config.warm_imports) {
+                Ok(f) => (Some(f), None),
+                Err(why) => {
+                    tracing::info!(reason = %why, "fork server off; sessions are spawned");
+                    (None, Some(why))
+                }
+            }
+        };
         let origin = Instant::now();
         let (changed, _) = watch::channel(0u64);
         let (stop, _) = watch::channel(false);
@@ -302,7 +321,11 @@ impl SessionPool {
             acquire_latency: Histogram::default(),
             hit_latency: Histogram::default(),
             spawn_latency: Histogram::default(),
+            fork_latency: Histogram::default(),
             created: AtomicU64::new(0),
+            created_fork: AtomicU64::new(0),
+            fork,
+            fork_disabled,
             creation_failures: AtomicU64::new(0),
             health_passes: AtomicU64::new(0),
         });
@@ -796,8 +819,18 @@ impl Inner {
                         },
                     );
                     self.created.fetch_add(1, Ordering::Relaxed);
-                    self.spawn_latency.record(latency);
-                    tracing::debug!(session = %entry.session.id(), key = entry.key, pid = entry.live.pid, path = CreatePath::Spawn.as_str(), latency_ms = latency.as_secs_f64() * 1000.0, "pooled session created");
+                    let path = match &self.fork {
+                        Some(f) if f.forked(entry.live.pid) => CreatePath::Fork,
+                        _ => CreatePath::Spawn,
+                    };
+                    match path {
+                        CreatePath::Fork => {
+                            self.created_fork.fetch_add(1, Ordering::Relaxed);
+                            self.fork_latency.record(latency);
+                        }
+                        CreatePath::Spawn => self.spawn_latency.record(latency),
+                    }
+                    tracing::debug!(session = %entry.session.id(), key = entry.key, pid = entry.live.pid, path = path.as_str(), latency_ms = latency.as_secs_f64() * 1000.0, "pooled session created");
                     if st.stopped {
                         stop_it = Some(self.evict_locked(&mut st, entry, EvictReason::Stopped));
                     } else {
@@ -845,7 +878,8 @@ impl Inner {
 
     /// Starts and warms one session.
     async fn build(self: &Arc<Self>) -> Result<(Entry, Vec<WarmResult>), String> {
-        let session = Session::start(self.config.session.clone())
+        let launcher = self.fork.clone().map(|f| f as Arc<dyn Launcher>);
+        let session = Session::start_with(self.config.session.clone(), launcher)
             .await
             .map_err(|e| e.to_string())?;
         match self.warm_up(&session).await {
@@ -1048,12 +1082,29 @@ impl Inner {
             acquire_latency: self.acquire_latency.snapshot(),
             hit_latency: self.hit_latency.snapshot(),
             sessions_created: created,
-            created_by_path: [(CreatePath::Spawn.as_str(), created)]
+            created_by_path: {
+                let fork = self.created_fork.load(Ordering::Relaxed);
+                [
+                    (CreatePath::Spawn.as_str(), created.saturating_sub(fork)),
+                    (CreatePath::Fork.as_str(), fork),
+                ]
                 .into_iter()
-                .collect(),
-            creation_latency: [(CreatePath::Spawn.as_str(), self.spawn_latency.snapshot())]
-                .into_iter()
-                .collect(),
+                .collect()
+            },
+            creation_latency: [
+                (CreatePath::Spawn.as_str(), self.spawn_latency.snapshot()),
+                (CreatePath::Fork.as_str(), self.fork_latency.snapshot()),
+            ]
+            .into_iter()
+            .collect(),
+            fork: match &self.fork {
+                Some(f) => f.info(),
+                None => ForkInfo {
+                    enabled: false,
+                    disabled_reason: self.fork_disabled.clone(),
+                    ..ForkInfo::default()
+                },
+            },
             creation_failures: self.creation_failures.load(Ordering::Relaxed),
             evictions: st.evictions.iter().map(|(r, n)| (r.as_str(), *n)).collect(),
             breaker: BreakerInfo {

@@ -28,6 +28,10 @@ pub const BUNDLE_FILES: &[(&str, &str)] = &[
         "capsule_worker/checkpoint.py",
         include_str!("../python/capsule_worker/checkpoint.py"),
     ),
+    (
+        "capsule_worker/template.py",
+        include_str!("../python/capsule_worker/template.py"),
+    ),
 ];
 
 const COMPLETE_MARKER: &str = ".complete";

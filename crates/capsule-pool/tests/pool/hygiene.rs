@@ -60,8 +60,11 @@ async fn replace_mode_hands_out_a_fresh_session() {
     assert_ne!(b.key(), key);
     assert_eq!(ok(&b, "'x' in globals()").await, "False");
     drop(b);
-    let info = wait(&pool, "replaced", |i| i.evicted(EvictReason::Replaced) >= 1).await;
-    assert_eq!(info.evicted(EvictReason::Replaced), 1);
+    let info = wait(&pool, "both replaced", |i| {
+        i.evicted(EvictReason::Replaced) == 2 && i.returning == 0
+    })
+    .await;
+    assert_eq!(info.sessions_created, 2);
     pool.stop().await;
 }
 

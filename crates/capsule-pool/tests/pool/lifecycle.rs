@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use capsule_pool::EvictReason;
 
-use crate::support::{config, guard, ok, start, wait, ACQUIRE};
+use crate::support::{await_exit, config, guard, ok, start, wait, ACQUIRE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recycles_after_n_executions_and_resets_the_counter() {
@@ -115,29 +115,6 @@ async fn over_the_pool_budget_idle_sessions_are_evicted_largest_first() {
     assert!(info.rss_bytes_total <= 200 << 20, "{info:#?}");
     assert_eq!(info.evicted(EvictReason::SessionRss), 0);
     pool.stop().await;
-}
-
-/// Waits (blocking, off the runtime) until `pid` has exited, via a pidfd.
-async fn await_exit(pid: u32) {
-    tokio::task::spawn_blocking(move || {
-        // SAFETY: pidfd_open returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
-        if fd < 0 {
-            return;
-        }
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; blocks until the process exits.
-        unsafe {
-            libc::poll(&mut p, 1, -1);
-            libc::close(fd);
-        }
-    })
-    .await
-    .expect("join");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

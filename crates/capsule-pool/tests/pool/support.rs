@@ -56,3 +56,26 @@ pub async fn ok(s: &Session, code: &str) -> String {
 }
 
 pub const ACQUIRE: Duration = Duration::from_secs(60);
+
+/// Waits (blocking, off the runtime) until `pid` has exited, via a pidfd.
+pub async fn await_exit(pid: u32) {
+    tokio::task::spawn_blocking(move || {
+        // SAFETY: pidfd_open returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
+        if fd < 0 {
+            return;
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; blocks until the process exits.
+        unsafe {
+            libc::poll(&mut p, 1, -1);
+            libc::close(fd);
+        }
+    })
+    .await
+    .expect("join");
+}

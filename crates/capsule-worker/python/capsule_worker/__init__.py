@@ -11,3 +11,10 @@ def main():
     from capsule_worker import runtime
 
     runtime.run()
+
+
+def template_main():
+    """Entry point of the fork-server template (`capsule_worker.template_main()`)."""
+    from capsule_worker import template
+
+    template.template_main()

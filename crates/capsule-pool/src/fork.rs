@@ -1,0 +1,408 @@
+//! The fork server: a warm template interpreter per pool (one pool = one fingerprint:
+//! interpreter, environment, policy, warm imports) that forks session workers on request,
+//! instead of a fresh interpreter spawn per session.
+//!
+//! The template (`capsule_worker.template_main()`, `python/capsule_worker/template.py`) imports
+//! the worker runtime and the warm modules once, stays single-threaded (it reports its thread
+//! count when ready and refuses to fork with more than one), and serves a `SOCK_SEQPACKET`
+//! socket: the session's 8 child-side descriptors arrive by `SCM_RIGHTS` with the scratch dir and
+//! environment; the template forks, the child `setsid`s, places the descriptors on fds 1-8,
+//! `chdir`s and runs the normal worker `main` (it says hello on fd 4 like a spawned worker).
+//! The template reaps its children and reports `{exit: pid, status}`, so sessions get real exit
+//! statuses.
+//!
+//! **Invariants:** one reader of the template socket (the reader task here); the host never
+//! touches the worker's pipes (the session does); a template crash loses no session (workers
+//! are in their own sessions and keep running; their exits are then observed through a pidfd,
+//! status unknown) and the next launch starts a new template, while launches in flight fail
+//! and the session falls back to a plain spawn. Used only under an unconfined sandbox policy:
+//! per-session sandbox layers are applied by the spawn path (SEC-001); applying them in the
+//! forked child is the documented seam (`docs/architecture.md`).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use capsule_session::{ExitFuture, LaunchRequest, Launched, Launcher, SessionConfig};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::oneshot;
+
+use crate::liveness::Liveness;
+
+type LaunchReply = Result<(u32, oneshot::Receiver<i32>), String>;
+
+/// A fork server for one pool configuration. Implements [`Launcher`]; pass it to
+/// [`capsule_session::Session::start_with`].
+#[derive(Debug)]
+pub struct ForkServer {
+    python: PathBuf,
+    bootstrap: String,
+    warm_imports: Vec<String>,
+    start_timeout: Duration,
+    current: Mutex<Option<Arc<Template>>>,
+    /// Pids of workers this server forked and nobody asked about yet ([`ForkServer::forked`]).
+    forked: Mutex<HashSet<u32>>,
+    templates_started: AtomicU64,
+    forks: AtomicU64,
+    failures: AtomicU64,
+    disabled: Mutex<Option<String>>,
+}
+
+/// Counters of a fork server, as reported in [`crate::PoolInfo`].
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct ForkInfo {
+    /// Whether sessions are created by forking (else: why not).
+    pub enabled: bool,
+    /// Why the fork server is off (sandbox policy, template threads, ...).
+    pub disabled_reason: Option<String>,
+    /// Pid of the current template.
+    pub template_pid: Option<u32>,
+    /// Templates started (more than one: a template died and was rebuilt).
+    pub templates_started: u64,
+    /// Workers forked.
+    pub forks: u64,
+    /// Launches that failed (the session fell back to a plain spawn).
+    pub failures: u64,
+}
+
+#[derive(Debug)]
+struct Template {
+    pid: u32,
+    sock: OwnedFd,
+    alive: AtomicBool,
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<LaunchReply>>>,
+    exits: Mutex<HashMap<u32, oneshot::Sender<i32>>>,
+    _child: Mutex<Option<tokio::process::Child>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn other(msg: impl Into<String>) -> std::io::Error {
+    std::io::Error::other(msg.into())
+}
+
+impl ForkServer {
+    /// Prepares a fork server for sessions of `session` with `warm_imports` pre-imported in the
+    /// template. The template starts on the first launch. Errors if the configuration cannot use
+    /// one (sandbox policy not unconfined) or the interpreter/runtime cannot be prepared.
+    pub fn new(session: &SessionConfig, warm_imports: &[String]) -> Result<Arc<Self>, String> {
+        if !session.sandbox.is_unconfined() {
+            return Err(
+                "the sandbox policy applies per-session layers, which only the spawn path does yet"
+                    .into(),
+            );
+        }
+        let interp = capsule_worker::resolve_interpreter(session.python.as_deref())
+            .map_err(|e| e.to_string())?;
+        let bundle =
+            capsule_worker::materialize(session.cache_dir.as_deref()).map_err(|e| e.to_string())?;
+        let literal =
+            serde_json::Value::String(bundle.dir.to_string_lossy().into_owned()).to_string();
+        Ok(Arc::new(ForkServer {
+            python: interp.executable,
+            bootstrap: format!(
+                "import sys; sys.path.insert(0, {literal}); import capsule_worker; capsule_worker.template_main()"
+            ),
+            warm_imports: warm_imports.to_vec(),
+            start_timeout: session.start_timeout,
+            current: Mutex::new(None),
+            forked: Mutex::new(HashSet::new()),
+            templates_started: AtomicU64::new(0),
+            forks: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            disabled: Mutex::new(None),
+        }))
+    }
+
+    /// Whether `pid` was forked by this server (each pid answers `true` once).
+    pub fn forked(&self, pid: u32) -> bool {
+        lock(&self.forked).remove(&pid)
+    }
+
+    /// Counters and state.
+    pub fn info(&self) -> ForkInfo {
+        let disabled = lock(&self.disabled).clone();
+        ForkInfo {
+            enabled: disabled.is_none(),
+            disabled_reason: disabled,
+            template_pid: lock(&self.current)
+                .as_ref()
+                .filter(|t| t.alive.load(Ordering::Acquire))
+                .map(|t| t.pid),
+            templates_started: self.templates_started.load(Ordering::Relaxed),
+            forks: self.forks.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn template(&self) -> std::io::Result<Arc<Template>> {
+        if let Some(reason) = lock(&self.disabled).clone() {
+            return Err(other(reason));
+        }
+        if let Some(t) = lock(&self.current)
+            .as_ref()
+            .filter(|t| t.alive.load(Ordering::Acquire))
+        {
+            return Ok(t.clone());
+        }
+        // Built outside the lock; two concurrent builds are harmless (the loser is dropped,
+        // which kills it).
+        let t = self.start_template().await?;
+        let mut cur = lock(&self.current);
+        match cur.as_ref().filter(|c| c.alive.load(Ordering::Acquire)) {
+            Some(c) => Ok(c.clone()),
+            None => {
+                *cur = Some(t.clone());
+                Ok(t)
+            }
+        }
+    }
+
+    async fn start_template(&self) -> std::io::Result<Arc<Template>> {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (host, tmpl) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        // Above the target descriptor so the dup2 onto 3 clears close-on-exec.
+        // SAFETY: fcntl on a descriptor we own; it returns a new one we then own.
+        let raw = unsafe { libc::fcntl(tmpl.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor from fcntl.
+        let tmpl_high = unsafe { OwnedFd::from_raw_fd(raw) };
+        drop(tmpl);
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let fl = libc::fcntl(host.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(host.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        let mut cmd = tokio::process::Command::new(&self.python);
+        cmd.args(["-I", "-S", "-c", &self.bootstrap, "3"])
+            .args(&self.warm_imports)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("LANG", "C.UTF-8")
+            .env("LC_ALL", "C.UTF-8")
+            .process_group(0)
+            .kill_on_drop(true);
+        let fd = tmpl_high.as_raw_fd();
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: runs in the forked child before exec; only raw syscalls on integers.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(tmpl_high);
+        let pid = child.id().unwrap_or(0);
+        let t = Arc::new(Template {
+            pid,
+            sock: host,
+            alive: AtomicBool::new(true),
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            exits: Mutex::new(HashMap::new()),
+            _child: Mutex::new(Some(child)),
+        });
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let reader_sock = t.sock.try_clone()?;
+        tokio::spawn(reader(t.clone(), reader_sock, ready_tx));
+        let ready = tokio::time::timeout(self.start_timeout, ready_rx)
+            .await
+            .map_err(|_| other("the fork-server template did not get ready in time"))?
+            .map_err(|_| other("the fork-server template exited during start-up"))?;
+        let threads = ready.get("threads").and_then(|v| v.as_u64()).unwrap_or(0);
+        if threads != 1 {
+            let why = format!(
+                "the template has {threads} threads after its warm imports ({:?}); forking it is unsafe",
+                self.warm_imports
+            );
+            *lock(&self.disabled) = Some(why.clone());
+            return Err(other(why));
+        }
+        self.templates_started.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(template = pid, warm = ?self.warm_imports, "fork-server template ready");
+        Ok(t)
+    }
+
+    async fn fork(&self, t: &Arc<Template>, req: &LaunchRequest<'_>) -> std::io::Result<Launched> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let id = t.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&t.pending).insert(id, tx);
+        let msg = serde_json::json!({
+            "id": id,
+            "scratch": req.scratch.to_string_lossy(),
+            "env": req.env,
+        })
+        .to_string();
+        let iov = [IoSlice::new(msg.as_bytes())];
+        let cmsg = [ControlMessage::ScmRights(&req.fds)];
+        if let Err(e) = sendmsg::<()>(
+            t.sock.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            lock(&t.pending).remove(&id);
+            return Err(std::io::Error::from(e));
+        }
+        let reply = tokio::time::timeout(self.start_timeout, rx)
+            .await
+            .map_err(|_| other("the fork-server template did not answer"))?
+            .map_err(|_| other("the fork-server template died"))?;
+        let (pid, exit_rx) = reply.map_err(other)?;
+        self.forks.fetch_add(1, Ordering::Relaxed);
+        lock(&self.forked).insert(pid);
+        let exit: ExitFuture = Box::pin(async move {
+            match exit_rx.await {
+                Ok(raw) => Some(std::process::ExitStatus::from_raw(raw)),
+                // The template died: the worker lives on in its own session; wait for it
+                // through a pidfd (status unknown).
+                Err(_) => {
+                    Liveness::new(pid).exited().await;
+                    None
+                }
+            }
+        });
+        Ok(Launched { pid, exit })
+    }
+}
+
+impl Launcher for ForkServer {
+    fn name(&self) -> &'static str {
+        "fork"
+    }
+
+    fn launch<'a>(
+        &'a self,
+        req: LaunchRequest<'a>,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Launched>> + Send + 'a>> {
+        Box::pin(async move {
+            let result = match self.template().await {
+                Ok(t) => {
+                    let r = self.fork(&t, &req).await;
+                    if r.is_err() {
+                        // A template that failed a request is not trusted again.
+                        t.alive.store(false, Ordering::Release);
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            if result.is_err() {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            result
+        })
+    }
+}
+
+/// The single reader of a template's socket.
+async fn reader(t: Arc<Template>, sock: OwnedFd, ready: oneshot::Sender<serde_json::Value>) {
+    let mut ready = Some(ready);
+    // SAFETY: `sock` is an OwnedFd moved into the AsyncFd and stays open until it is dropped.
+    let afd = match unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) } {
+        Ok(a) => a,
+        Err(_) => {
+            t.alive.store(false, Ordering::Release);
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match afd
+            .async_io(Interest::READABLE, |fd| {
+                // SAFETY: reading into a buffer of the given length from a descriptor we own.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            })
+            .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let Ok(msg) = serde_json::from_slice::<serde_json::Value>(&buf[..n]) else {
+            tracing::warn!(
+                template = t.pid,
+                "undecodable message from the fork-server template"
+            );
+            break;
+        };
+        if msg.get("ready").is_some() {
+            if let Some(failed) = msg
+                .get("failed")
+                .and_then(|f| f.as_array())
+                .filter(|f| !f.is_empty())
+            {
+                tracing::debug!(template = t.pid, ?failed, "template warm imports failed");
+            }
+            if let Some(r) = ready.take() {
+                let _ = r.send(msg);
+            }
+        } else if let Some(pid) = msg.get("exit").and_then(|p| p.as_u64()) {
+            let status = msg.get("status").and_then(|s| s.as_i64()).unwrap_or(0) as i32;
+            if let Some(tx) = lock(&t.exits).remove(&(pid as u32)) {
+                let _ = tx.send(status);
+            }
+        } else if let Some(id) = msg.get("id").and_then(|i| i.as_u64()) {
+            let Some(tx) = lock(&t.pending).remove(&id) else {
+                continue;
+            };
+            let reply = match msg.get("pid").and_then(|p| p.as_u64()) {
+                Some(pid) => {
+                    let pid = pid as u32;
+                    // Registered before the launcher sees the pid, so an exit report (which the
+                    // template can only send after this reply) always finds its slot.
+                    let (etx, erx) = oneshot::channel();
+                    lock(&t.exits).insert(pid, etx);
+                    Ok((pid, erx))
+                }
+                None => Err(msg
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("the template refused to fork")
+                    .to_string()),
+            };
+            let _ = tx.send(reply);
+        }
+    }
+    t.alive.store(false, Ordering::Release);
+    lock(&t.pending).clear();
+    lock(&t.exits).clear();
+    tracing::info!(template = t.pid, "fork-server template gone");
+}

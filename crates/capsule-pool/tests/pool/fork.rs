@@ -1,0 +1,90 @@
+//! The fork server: sessions forked from a warm template, real exit statuses, template crash
+//! recovery with fallback to plain spawn.
+
+use capsule_pool::{PoolConfig, Reuse};
+use capsule_session::OutcomeStatus;
+
+use crate::support::{await_exit, config, guard, ok, start, wait, ACQUIRE};
+
+fn fork_config() -> PoolConfig {
+    let mut c = config();
+    c.session.sandbox = capsule_session::config::load_policy("none").expect("none preset");
+    c.fork_server = true;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_forked_from_a_warm_template() {
+    let mut c = fork_config();
+    c.min_idle = 2;
+    c.warm_imports = ["json", "decimal", "sqlite3"].map(String::from).to_vec();
+    let pool = start(c).await;
+    let info = guard("ready", pool.wait_ready()).await.expect("ready");
+    assert!(info.fork.enabled, "{:?}", info.fork);
+    assert_eq!(info.created_by_path.get("fork"), Some(&2), "{info:#?}");
+    let template = info.fork.template_pid.expect("template pid");
+    let s = pool.acquire(ACQUIRE).await.expect("acquire");
+    let scratch = s.info().await.expect("info").scratch_dir;
+    assert_eq!(
+        ok(&s, "import os; os.getppid()").await,
+        template.to_string()
+    );
+    assert_eq!(
+        ok(
+            &s,
+            "import sys; [m for m in ('json', 'decimal', 'sqlite3') if m in sys.modules]"
+        )
+        .await,
+        "['json', 'decimal', 'sqlite3']"
+    );
+    assert_eq!(
+        ok(&s, "os.getcwd() == os.environ['HOME']").await,
+        "True",
+        "cwd and HOME are the scratch dir {scratch:?}"
+    );
+    assert_eq!(ok(&s, "print('out'); 6 * 7").await, "42");
+    // The template reaps its child and reports the real exit status.
+    let done = s.run("import os; os._exit(3)").await.expect("queued");
+    match done.outcome.status {
+        OutcomeStatus::WorkerLost { reason } => assert!(reason.contains("status 3"), "{reason}"),
+        other => panic!("expected worker_lost, got {other:?}"),
+    }
+    drop(s);
+    pool.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_template_is_rebuilt_and_its_sessions_survive() {
+    let mut c = fork_config();
+    c.min_idle = 1;
+    c.max_sessions = 3;
+    c.reuse = Reuse::Replace;
+    let pool = start(c).await;
+    let info = guard("ready", pool.wait_ready()).await.expect("ready");
+    let template = info.fork.template_pid.expect("template pid");
+    let survivor = pool.acquire(ACQUIRE).await.expect("acquire");
+    // SAFETY: kill(2) on the template this test's pool started.
+    unsafe {
+        libc::kill(template as libc::pid_t, libc::SIGKILL);
+    }
+    await_exit(template).await;
+    // A worker forked earlier lives on (it is in its own session).
+    assert_eq!(ok(&survivor, "1 + 1").await, "2");
+    drop(survivor);
+    // New sessions keep coming: a launch in flight at the crash falls back to a plain spawn,
+    // the next one starts a new template.
+    for _ in 0..4 {
+        let s = pool
+            .acquire(ACQUIRE)
+            .await
+            .expect("acquire after template crash");
+        assert_eq!(ok(&s, "2 + 2").await, "4");
+        s.discard();
+        if pool.info().fork.templates_started >= 2 {
+            break;
+        }
+    }
+    let info = wait(&pool, "a new template", |i| i.fork.templates_started >= 2).await;
+    assert_ne!(info.fork.template_pid, Some(template));
+    pool.stop().await;
+}
