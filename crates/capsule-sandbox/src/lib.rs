@@ -43,7 +43,7 @@ mod seccomp;
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -122,6 +122,11 @@ pub struct Prepared {
     plan: Option<ChildPlan>,
     report_rx: Option<OwnedFd>,
     cgroup: Option<cgroup::WorkerCgroup>,
+    /// Open `cgroup.procs` handles of the worker's cgroups. The parent writes the worker's pid
+    /// into them right after the spawn (see [`Prepared::after_spawn`]).
+    cgroup_procs: Vec<OwnedFd>,
+    /// Whether the policy requires the cgroup layer (a failed join is then fatal).
+    cgroup_required: bool,
     baseline: LimitEvents,
     cpu_limit: Option<u64>,
     pid: Option<u32>,
@@ -530,6 +535,7 @@ pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxErr
 
     // cgroup.
     let mut cg = None;
+    let mut cgroup_procs = Vec::new();
     let cg_avail = if lim.memory.is_none() && lim.processes.is_none() {
         Err("no memory or process limit to enforce".to_string())
     } else {
@@ -538,10 +544,13 @@ pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxErr
     if d.decide("cgroup", l.cgroup, cg_avail)? {
         match cgroup::create(&probe.cgroup, lim.memory, lim.processes) {
             Ok((c, fds)) => {
-                plan.cgroup_procs = fds;
-                if l.cgroup == LayerMode::Required {
-                    plan.require(Step::Cgroup);
-                }
+                // Joined from the parent after the spawn, not from the child: moving a task
+                // between cgroup v1 hierarchies takes a global rwsem whose writer side waits
+                // for an RCU grace period (several ms here). Done by the parent, that wait
+                // overlaps the interpreter's own start-up instead of preceding it. No user code
+                // runs before the join: the session sends no cell before its handshake, which
+                // follows `after_spawn`.
+                cgroup_procs = fds;
                 let mut parts = Vec::new();
                 if let Some(m) = &c.memory_dir {
                     parts.push(format!(
@@ -709,6 +718,8 @@ pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxErr
         plan: Some(plan),
         report_rx: Some(report_rx),
         cgroup: cg,
+        cgroup_procs,
+        cgroup_required: l.cgroup == LayerMode::Required,
         baseline,
         cpu_limit,
         pid: None,
@@ -772,6 +783,27 @@ impl Prepared {
     /// steps (reported by the child) into [`Prepared::layers`].
     pub fn after_spawn(&mut self, pid: u32) -> Result<(), SandboxError> {
         self.pid = Some(pid);
+        // Join the worker's cgroups (memory, pids): writing its pid moves the whole process.
+        let text = pid.to_string();
+        for fd in std::mem::take(&mut self.cgroup_procs) {
+            // SAFETY: write(2) of a byte slice to a cgroup.procs descriptor we own.
+            let n = unsafe { libc::write(fd.as_raw_fd(), text.as_ptr().cast(), text.len()) };
+            if n != text.len() as isize {
+                let err = io::Error::last_os_error();
+                if self.cgroup_required {
+                    return Err(SandboxError::ChildSetup {
+                        layer: "cgroup",
+                        source: err,
+                    });
+                }
+                let reason = format!("joining the worker's cgroup failed: {err}");
+                warn_once("cgroup", &reason);
+                if let Some(l) = self.layers.iter_mut().find(|l| l.name == "cgroup") {
+                    l.state = LayerState::Missing;
+                    l.detail = reason;
+                }
+            }
+        }
         if let Some(rx) = &self.report_rx {
             for f in child::read_reports(rx) {
                 let name = f.step.layer();
