@@ -1,7 +1,10 @@
 //! Pool benchmark (not a test: no thresholds). Prints medians and p99s, next to a plain
 //! `Session::start` measured in the same run:
 //!
-//! * plain spawn: `Session::start` → ready (the floor a pool hides);
+//! * plain spawn: `Session::start` → ready (the floor a pool hides), under the default
+//!   sandbox policy and under `none`;
+//! * fork server: `Session::start_with(.., ForkServer)` → ready (policy `none`, which the fork
+//!   server needs today), and the same session's first cell;
 //! * pool creation: start + warm-up cell, as recorded by the pool's histogram;
 //! * pool start with `min_idle = 4` until 4 sessions are ready;
 //! * warm acquire (idle hit), measured around `acquire()` by the caller.
@@ -10,8 +13,10 @@
 
 use std::time::{Duration, Instant};
 
-use capsule_pool::{PoolConfig, SessionPool};
-use capsule_session::{Session, SessionConfig};
+use std::sync::Arc;
+
+use capsule_pool::{ForkServer, PoolConfig, SessionPool};
+use capsule_session::{Launcher, Session, SessionConfig};
 
 fn pct(samples: &mut [Duration], q: f64) -> f64 {
     samples.sort();
@@ -45,24 +50,66 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         plain.push(t.elapsed());
         s.shutdown().await?;
     }
-    line("plain spawn: Session::start -> ready", &mut plain);
+    line("plain spawn (default policy) -> ready", &mut plain);
+
+    // Plain spawn vs fork server, both unconfined, interleaved in the same run.
+    let mut none = session.clone();
+    none.sandbox = capsule_session::config::load_policy("none")?;
+    let fork = ForkServer::new(&none, &[]).map_err(|e| e.to_string())?;
+    let launcher: Arc<dyn Launcher> = fork.clone();
+    // Start the template outside the measurement.
+    Session::start_with(none.clone(), Some(launcher.clone()))
+        .await?
+        .shutdown()
+        .await?;
+    let (mut spawn_none, mut forked, mut spawn_first, mut fork_first) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut spawn_hs, mut fork_hs) = (Vec::new(), Vec::new());
+    for _ in 0..40 {
+        let t = Instant::now();
+        let s = Session::start(none.clone()).await?;
+        spawn_none.push(t.elapsed());
+        spawn_hs.extend(s.info().await?.start_latency);
+        s.run("x = 1").await?;
+        spawn_first.push(t.elapsed());
+        s.shutdown().await?;
+        let t = Instant::now();
+        let s = Session::start_with(none.clone(), Some(launcher.clone())).await?;
+        forked.push(t.elapsed());
+        fork_hs.extend(s.info().await?.start_latency);
+        s.run("x = 1").await?;
+        fork_first.push(t.elapsed());
+        s.shutdown().await?;
+    }
+    line("plain spawn (policy none) -> ready", &mut spawn_none);
+    line("fork server (policy none) -> ready", &mut forked);
+    line("  of which launch -> hello_ack (spawn)", &mut spawn_hs);
+    line("  of which launch -> hello_ack (fork)", &mut fork_hs);
+    line("plain spawn (policy none) -> 1st cell", &mut spawn_first);
+    line("fork server (policy none) -> 1st cell", &mut fork_first);
+    println!("fork server: {:?}", fork.info());
 
     // Pool start to min_idle = 4.
-    let mut starts = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        let pool = SessionPool::start(PoolConfig {
-            min_idle: 4,
-            max_sessions: 4,
-            session: session.clone(),
-            ..PoolConfig::default()
-        })
-        .await?;
-        pool.wait_ready().await?;
-        starts.push(t.elapsed());
-        pool.stop().await;
+    for (name, cfg) in [
+        ("pool start min_idle=4, spawn (default)", session.clone()),
+        ("pool start min_idle=4, fork (none)", none.clone()),
+    ] {
+        let mut starts = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let pool = SessionPool::start(PoolConfig {
+                min_idle: 4,
+                max_sessions: 4,
+                session: cfg.clone(),
+                ..PoolConfig::default()
+            })
+            .await?;
+            pool.wait_ready().await?;
+            starts.push(t.elapsed());
+            pool.stop().await;
+        }
+        line(name, &mut starts);
     }
-    line("pool start, min_idle=4 -> 4 ready", &mut starts);
 
     // Warm acquire.
     let n = 8;

@@ -47,6 +47,8 @@ pub struct ForkServer {
     python: PathBuf,
     bootstrap: String,
     warm_imports: Vec<String>,
+    /// `{"site", "sys_path", "warm"}` for the template (see `template.py`).
+    template_config: String,
     start_timeout: Duration,
     current: Mutex<Option<Arc<Template>>>,
     /// Pids of workers this server forked and nobody asked about yet ([`ForkServer::forked`]).
@@ -116,6 +118,16 @@ impl ForkServer {
                 "import sys; sys.path.insert(0, {literal}); import capsule_worker; capsule_worker.template_main()"
             ),
             warm_imports: warm_imports.to_vec(),
+            template_config: serde_json::json!({
+                "site": session.enable_site,
+                "sys_path": session
+                    .sys_path
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>(),
+                "warm": warm_imports,
+            })
+            .to_string(),
             start_timeout: session.start_timeout,
             current: Mutex::new(None),
             forked: Mutex::new(HashSet::new()),
@@ -194,17 +206,23 @@ impl ForkServer {
             libc::fcntl(host.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
         let mut cmd = tokio::process::Command::new(&self.python);
-        cmd.args(["-I", "-S", "-c", &self.bootstrap, "3"])
-            .args(&self.warm_imports)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("LANG", "C.UTF-8")
-            .env("LC_ALL", "C.UTF-8")
-            .process_group(0)
-            .kill_on_drop(true);
+        cmd.args([
+            "-I",
+            "-S",
+            "-c",
+            &self.bootstrap,
+            "3",
+            &self.template_config,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("LANG", "C.UTF-8")
+        .env("LC_ALL", "C.UTF-8")
+        .process_group(0)
+        .kill_on_drop(true);
         let fd = tmpl_high.as_raw_fd();
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: runs in the forked child before exec; only raw syscalls on integers.

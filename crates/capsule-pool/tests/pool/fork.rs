@@ -88,3 +88,36 @@ async fn a_crashed_template_is_rebuilt_and_its_sessions_survive() {
     assert_ne!(info.fork.template_pid, Some(template));
     pool.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_with_threads_is_not_forked_and_sessions_are_spawned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("capsule_threaded_mod.py"),
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n",
+    )
+    .expect("write module");
+    let mut c = fork_config();
+    c.min_idle = 1;
+    c.session.sys_path = vec![dir.path().to_path_buf()];
+    c.warm_imports = vec!["capsule_threaded_mod".into()];
+    let pool = start(c).await;
+    let info = guard("ready", pool.wait_ready()).await.expect("ready");
+    assert_eq!(info.created_by_path.get("spawn"), Some(&1), "{info:#?}");
+    assert!(!info.fork.enabled);
+    assert!(
+        info.fork
+            .disabled_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("threads")),
+        "{:?}",
+        info.fork
+    );
+    let s = pool.acquire(ACQUIRE).await.expect("acquire");
+    assert_eq!(
+        ok(&s, "import sys; 'capsule_threaded_mod' in sys.modules").await,
+        "True"
+    );
+    drop(s);
+    pool.stop().await;
+}

@@ -1,7 +1,10 @@
 """Fork-server template: a warm, single-threaded interpreter that forks session workers.
 
-Started by the host as ``capsule_worker.template_main()`` with argv ``[SOCK_FD, module...]``.
-It imports the worker runtime and the warm modules once, then serves one request at a time on
+Started by the host as ``capsule_worker.template_main()`` with argv ``[SOCK_FD, CONFIG_JSON]``
+(``{"site": bool, "sys_path": [...], "warm": [module...]}``). It processes ``site`` (when the
+sessions would) and ``sys_path`` first, so warm imports see the same packages as cells, imports
+the worker runtime, what a first cell needs and the warm modules once, then serves one request at
+a time on
 ``SOCK_FD`` (a ``SOCK_SEQPACKET`` Unix socket; the host's reader task is its only reader):
 
 * host -> template: ``{"id": N, "scratch": PATH, "env": [[K, V], ...]}`` with 8 descriptors
@@ -77,12 +80,26 @@ def template_main():
     import signal
     import socket
 
+    import json
     sock_fd = int(sys.argv[1])
+    config = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
     sock = socket.socket(fileno=sock_fd)
-    # What every worker needs, loaded once here and shared copy-on-write by the children.
+    sock.setblocking(True)
+    if config.get("site"):
+        import site
+        site.main()
+    for p in reversed(config.get("sys_path", [])):
+        sys.path.insert(0, p)
+    # What every worker and its first cell need, loaded once here and shared copy-on-write by
+    # the children (the worker re-runs `site.main()` after its handshake; it is cheap then).
     from capsule_worker import runtime  # noqa: F401
+    for name in ("select", "fcntl", "linecache", "_ast", "traceback", "site"):
+        try:
+            __import__(name)
+        except ImportError:
+            pass
     failed = []
-    for name in sys.argv[2:]:
+    for name in config.get("warm", []):
         try:
             __import__(name)
         except BaseException as e:  # noqa: BLE001 - reported, never fatal
