@@ -84,7 +84,7 @@ struct Template {
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, oneshot::Sender<LaunchReply>>>,
     exits: Mutex<HashMap<u32, oneshot::Sender<i32>>>,
-    _child: Mutex<Option<tokio::process::Child>>,
+    child: Mutex<Option<tokio::process::Child>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -136,6 +136,17 @@ impl ForkServer {
             failures: AtomicU64::new(0),
             disabled: Mutex::new(None),
         }))
+    }
+
+    /// Kills the current template (its workers live on; sessions shut them down). The next
+    /// launch would start a new one.
+    pub fn shutdown(&self) {
+        if let Some(t) = lock(&self.current).take() {
+            t.alive.store(false, Ordering::Release);
+            if let Some(mut child) = lock(&t.child).take() {
+                let _ = child.start_kill();
+            }
+        }
     }
 
     /// Whether `pid` was forked by this server (each pid answers `true` once).
@@ -248,7 +259,7 @@ impl ForkServer {
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             exits: Mutex::new(HashMap::new()),
-            _child: Mutex::new(Some(child)),
+            child: Mutex::new(Some(child)),
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         let reader_sock = t.sock.try_clone()?;
@@ -313,6 +324,12 @@ impl ForkServer {
             }
         });
         Ok(Launched { pid, exit })
+    }
+}
+
+impl Drop for ForkServer {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 

@@ -527,6 +527,9 @@ impl SessionPool {
         inner.signals.stop.send_replace(true);
         inner.signals.bump();
         futures::future::join_all(sessions.iter().map(|s| s.shutdown())).await;
+        if let Some(f) = &inner.fork {
+            f.shutdown();
+        }
         self.wait_until(|i| i.creating == 0 && i.returning == 0)
             .await;
         tracing::info!(fingerprint = %inner.fingerprint, "session pool stopped");

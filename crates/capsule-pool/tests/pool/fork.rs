@@ -51,6 +51,9 @@ async fn sessions_are_forked_from_a_warm_template() {
     }
     drop(s);
     pool.stop().await;
+    // Stopping the pool ends its template too.
+    await_exit(template).await;
+    assert_eq!(pool.info().fork.template_pid, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
