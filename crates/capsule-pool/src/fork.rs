@@ -51,6 +51,9 @@ pub struct ForkServer {
     template_config: String,
     start_timeout: Duration,
     current: Mutex<Option<Arc<Template>>>,
+    /// Serialises template builds, so concurrent first launches share one template instead of
+    /// each starting its own. Held across the build's awaits on purpose; nothing else takes it.
+    building: tokio::sync::Mutex<()>,
     /// Pids of workers this server forked and nobody asked about yet ([`ForkServer::forked`]).
     forked: Mutex<HashSet<u32>>,
     templates_started: AtomicU64,
@@ -130,6 +133,7 @@ impl ForkServer {
             .to_string(),
             start_timeout: session.start_timeout,
             current: Mutex::new(None),
+            building: tokio::sync::Mutex::new(()),
             forked: Mutex::new(HashSet::new()),
             templates_started: AtomicU64::new(0),
             forks: AtomicU64::new(0),
@@ -180,17 +184,17 @@ impl ForkServer {
         {
             return Ok(t.clone());
         }
-        // Built outside the lock; two concurrent builds are harmless (the loser is dropped,
-        // which kills it).
-        let t = self.start_template().await?;
-        let mut cur = lock(&self.current);
-        match cur.as_ref().filter(|c| c.alive.load(Ordering::Acquire)) {
-            Some(c) => Ok(c.clone()),
-            None => {
-                *cur = Some(t.clone());
-                Ok(t)
-            }
+        let _building = self.building.lock().await;
+        // Someone else may have built it while we waited.
+        if let Some(t) = lock(&self.current)
+            .as_ref()
+            .filter(|t| t.alive.load(Ordering::Acquire))
+        {
+            return Ok(t.clone());
         }
+        let t = self.start_template().await?;
+        *lock(&self.current) = Some(t.clone());
+        Ok(t)
     }
 
     async fn start_template(&self) -> std::io::Result<Arc<Template>> {
