@@ -1,14 +1,18 @@
-"""The worker runtime: framing, the reader and pump threads, cell execution, input, cancel.
+"""The worker runtime: framing, the control and pump threads, cell execution, input, cancel.
 
 Threads (see docs/worker.md):
 
 * the **main thread** runs cells, checkpoints, restores and resets, one at a time, in the order
-  the host sent them;
-* the **reader thread** is the only reader of fd 5 (control) and fd 3 (data); it answers
-  ping/cancel/interrupt/shutdown itself, routes ``input_reply`` to the waiting ``input()`` and
-  queues everything else for the main thread;
+  the host sent them; between cells it reads the data pipe (fd 3) itself, so an ``execute``
+  wakes exactly the thread that runs it;
+* the **control thread** is the only reader of fd 5 (control) and answers
+  ping/cancel/interrupt/shutdown itself, never waiting for a cell;
 * the **pump thread** is the only reader of the stdout/stderr capture pipes and turns what it
   reads into ``output`` frames; it also carries out drain requests (output before outcome).
+
+The data pipe has one reader at a time (leader/follower): whichever thread is waiting for
+something from it (the idle main loop for its next request, an ``input()`` for its reply) reads
+it and routes every frame to its addressee; others wait on a lock until the reader steps down.
 
 Imports are deliberately low level (``_thread``, ``_signal``, ``_json``, ``_ast``) because the
 friendly modules (threading, signal, json, ast) pull in ``re``/``enum``/``collections`` and cost
@@ -35,6 +39,11 @@ PyCF_ONLY_AST = 0x400
 PyCF_ALLOW_TOP_LEVEL_AWAIT = 0x2000
 CO_COROUTINE = 0x80
 F_SETPIPE_SZ = 1031  # Linux fcntl; best effort
+
+# An unhandled cancel SIGINT is re-sent after 2 ms, then 4, 8, ... up to 64 ms (see
+# Worker.resend_sigint): only while a signal is outstanding, never otherwise.
+SIGINT_RESEND_FIRST = 0.002
+SIGINT_RESEND_MAX = 0.064
 
 PROTOCOL_VERSION = 1
 FEATURES = ["tla", "input", "checkpoint", "reset"]
@@ -102,11 +111,20 @@ if _json is not None:
             raise ValueError("extra data after JSON document")
         return obj
 
+    # Worker-built messages (never circular) share one encoder: with markers=None the C
+    # encoder keeps no state between calls. User values (allow_nan=False) get a fresh one per
+    # call with circular-reference checking, as json.dumps does.
+    _plain_encoder = _json.make_encoder(None, _no_default, _json.encode_basestring_ascii, None,
+                                        ":", ",", False, False, True)
+
     def json_dumps(obj, allow_nan=True):
         """Encode compactly, ASCII only (robust against lone surrogates)."""
+        if allow_nan:
+            return "".join(_plain_encoder(obj, 0))
         enc = _json.make_encoder({}, _no_default, _json.encode_basestring_ascii, None, ":", ",",
-                                 False, False, allow_nan)
+                                 False, False, False)
         return "".join(enc(obj, 0))
+
 else:  # pragma: no cover
     import json as _pyjson
 
@@ -145,36 +163,12 @@ class Signal:
         return self.value
 
 
-class WorkQueue:
-    """Unbounded FIFO with one consumer (the main thread) and any number of producers. The
-    host sends one request at a time and waits for its answer, so the queue stays tiny."""
-
-    def __init__(self):
-        self._items = deque()
-        self._mutex = _thread.allocate_lock()
-        self._ready = _thread.allocate_lock()
-        self._ready.acquire()
-        self._waiting = False
-
-    def put(self, item):
-        with self._mutex:
-            self._items.append(item)
-            if self._waiting:
-                self._waiting = False
-                self._ready.release()
-
-    def get(self):
-        while True:
-            with self._mutex:
-                if self._items:
-                    return self._items.popleft()
-                self._waiting = True
-            self._ready.acquire()
-
-
 # --------------------------------------------------------------------------------------------
 # Framing
 # --------------------------------------------------------------------------------------------
+
+EOF_ITEM = ("eof", None)  # the main loop's "data channel closed"
+
 
 class FramingError(Exception):
     """The byte stream cannot be split into frames any more (fatal for the channel)."""
@@ -197,6 +191,17 @@ class FrameReader:
 
     def feed(self, data):
         self.buf += data
+
+    def want(self):
+        """Bytes to ask the next read for: 64 KiB, or the rest of a larger partial frame (one
+        read, one allocation for a big blob). A fixed 1 MiB read would cost an mmap, mremap
+        and munmap for every small frame."""
+        buf = self.buf
+        if len(buf) >= 4:
+            need = 4 + int.from_bytes(buf[0:4], "big") - len(buf)
+            if need > 65536:
+                return min(need, self.max_frame)
+        return 65536
 
     def frames(self):
         """Yield every complete frame buffered so far as (header_bytes, body_bytes)."""
@@ -227,6 +232,50 @@ class FrameReader:
 
 
 # --------------------------------------------------------------------------------------------
+# Compiling cells
+# --------------------------------------------------------------------------------------------
+
+CodeType = type(compile("", "", "exec"))
+CODE_CACHE_SIZE = 256  # sources
+CODE_CACHE_MAX_SOURCE = 64 * 1024  # characters; longer sources are compiled every time
+
+
+def compile_source(source, filename):
+    """Compile a cell once: (body code, trailing-expression code or None). A trailing
+    expression statement is split off and compiled in eval mode so that it runs exactly once."""
+    import _ast
+    flags = PyCF_ALLOW_TOP_LEVEL_AWAIT
+    tree = compile(source, filename, "exec", flags | PyCF_ONLY_AST, dont_inherit=True)
+    last = None
+    if tree.body and isinstance(tree.body[-1], _ast.Expr):
+        last = tree.body.pop()
+    body = compile(tree, filename, "exec", flags, dont_inherit=True)
+    if last is None:
+        return body, None
+    expr = _ast.Expression(last.value)
+    return body, compile(expr, filename, "eval", flags, dont_inherit=True)
+
+
+def retarget_code(code, filename):
+    """``code`` (and every code object nested in it) with co_filename = filename."""
+    consts = code.co_consts
+    for c in consts:
+        if type(c) is CodeType:
+            consts = tuple(retarget_code(c, filename) if type(c) is CodeType else c
+                           for c in consts)
+            return code.replace(co_filename=filename, co_consts=consts)
+    return code.replace(co_filename=filename)
+
+
+def source_lines(source):
+    """The line list linecache holds for a cell source."""
+    lines = source.splitlines(True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
 # The worker
 # --------------------------------------------------------------------------------------------
 
@@ -240,19 +289,34 @@ class Worker:
         self.output_chunk = DEFAULT_OUTPUT_CHUNK
         self.write_lock = _thread.allocate_lock()
         self.main_ident = _thread.get_ident()
-        self.queue = WorkQueue()
 
-        # Cell state, shared with the reader thread under state_lock. `running` is the exec id
+        # Cell state, shared with the control thread under state_lock. `running` is the exec id
         # of the cell whose user code is running (None otherwise); `pending` means a SIGINT was
         # sent for it and not yet turned into KeyboardInterrupt; `cancelled` records a cancel.
         self.state_lock = _thread.allocate_lock()
         self.running = None
         self.pending = False
         self.cancelled = False
+        # While sigint_defer is set the SIGINT handler does not raise (it records the signal in
+        # sigint_deferred). The main thread sets it while it waits on the data pipe (a
+        # KeyboardInterrupt must never drop bytes already read or leave the pipe without a
+        # reader) and while it closes a cell (user code is over).
+        self.sigint_defer = False
+        self.sigint_deferred = False
+        self.sig_retry = None  # control thread: seconds until a still-unhandled SIGINT is resent
         self.out_exec = None  # exec id that output frames are attributed to (pump reads it)
-        self.inputs = {}  # (exec, req) -> Signal, for input() calls waiting for a reply
+        self.inputs = {}  # (exec, req) -> [result], for input() calls waiting for a reply
         self.input_eof = False  # data channel closed: every input() gets EOF
         self.req_counter = 0
+
+        # The data channel (fd 3), also under state_lock: at most one thread reads it at a time
+        # (d_reading); the others wait on a private lock in d_followers and are released when
+        # the reader steps down. Requests for the main loop go to d_items.
+        self.d_items = deque()
+        self.d_reading = False
+        self.d_wakeable = False  # the current reader selects on the data wake pipe too
+        self.d_followers = []
+        self.data_reader = None  # FrameReader for fd 3 (only ever used by the current reader)
 
         self.exec_count = 0  # IPython execution counter (history cells only)
         self.cell_serial = 0  # counter for non-history cell file names
@@ -260,9 +324,15 @@ class Worker:
         self.cell_sources = {}  # virtual file name -> source (also registered in linecache)
         self.cell_order = {}  # virtual file name -> registration order (checkpoint ordering)
         self.linecache = None
+        self.code_cache = {}  # source -> (body, last, lines): see compile_cell
 
         self.drain_requests = []  # (Signal, end_exec) for the pump
         self.drain_lock = _thread.allocate_lock()
+        # True while the pump holds bytes it has read from a capture pipe but not yet sent
+        # (under drain_lock). With both pipes empty and this false, everything written to fd
+        # 1/2 so far has been sent: drain() then needs no hand-off to the pump.
+        self.pump_busy = False
+        self.capture_poll = None  # select.poll over both capture pipes (set up in setup())
 
     # ---- diagnostics --------------------------------------------------------------------
 
@@ -320,15 +390,34 @@ class Worker:
             os.close(out_w)
             os.close(err_w)
             read_ends = (self.out_r, self.err_r)
+        fcntl = None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - every POSIX CPython has fcntl
+            pass
         for fd in read_ends:
-            try:
-                import fcntl
-                fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
-            except (ImportError, OSError):
-                pass
+            if fcntl is not None:
+                try:
+                    fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
+                except OSError:
+                    pass
             os.set_blocking(fd, False)
-        self.wake_r, self.wake_w = os.pipe()
+        if fcntl is not None:
+            # fd 3 is read only by a thread waiting for something from it (the idle main loop,
+            # an input()); while a cell runs without input() the host's occasional frames (an
+            # input_reply nobody asked for) wait in the pipe: give them room. Best effort.
+            try:
+                fcntl.fcntl(self.data_fd, F_SETPIPE_SZ, 1 << 20)
+            except OSError:
+                pass
+        import select
+        self.capture_poll = select.poll()  # drain()'s "are both pipes empty?" (no read)
+        for fd in read_ends:
+            self.capture_poll.register(fd, select.POLLIN)
+        self.wake_r, self.wake_w = os.pipe()  # wakes the pump (drain requests)
         os.set_blocking(self.wake_r, False)
+        self.dwake_r, self.dwake_w = os.pipe()  # wakes a data-pipe reader inside input()
+        os.set_blocking(self.dwake_r, False)
 
         # Text streams over the captured fds: C TextIOWrapper with line buffering flushes on
         # "\n" and "\r"; larger writes go straight through the BufferedWriter.
@@ -406,39 +495,127 @@ class Worker:
         for r in self.frame_readers:
             r.max_frame = n
 
-    # ---- reader thread ------------------------------------------------------------------
+    # ---- control thread -----------------------------------------------------------------
 
-    def reader_loop(self):
+    def control_loop(self):
+        """The only reader of fd 5: control is handled here, never behind a cell or a large
+        data frame."""
+        ctl = self.control_reader
         import select
-        ctl = FrameReader(self.control_fd, self.max_frame)
-        data = FrameReader(self.data_fd, self.max_frame)
-        self.frame_readers = (ctl, data)
-        fds = [self.control_fd, self.data_fd]
         try:
             while True:
-                readable, _, _ = select.select(fds, [], [])
-                # Control first: everything buffered on fd 5 is handled before any data.
-                if self.control_fd in readable:
-                    chunk = os.read(self.control_fd, 1 << 16)
-                    if not chunk:
-                        os._exit(0)  # host gone
-                    ctl.feed(chunk)
-                    for header, body in ctl.frames():
-                        self.on_control(header)
-                    continue  # re-check control before reading data
-                if self.data_fd in readable:
-                    chunk = os.read(self.data_fd, 1 << 20)
-                    if not chunk:
-                        fds.remove(self.data_fd)
-                        self.on_data_eof()
-                        continue
-                    data.feed(chunk)
-                    for header, body in data.frames():
-                        self.on_data(header, body)
+                if self.sig_retry is not None and not select.select(
+                        [self.control_fd], [], [], self.sig_retry)[0]:
+                    self.resend_sigint()
+                    continue
+                chunk = os.read(self.control_fd, 1 << 16)
+                if not chunk:
+                    os._exit(0)  # host gone
+                ctl.feed(chunk)
+                for header, body in ctl.frames():
+                    self.on_control(header)
         except FramingError as e:
-            self.fault("malformed frame from host: %s" % e, True)
+            self.fault("malformed control frame from host: %s" % e, True)
         except BaseException as e:  # an internal bug: say so, then die (no half-alive worker)
-            self.fault("reader thread failed: %r" % (e,), True)
+            self.fault("control thread failed: %r" % (e,), True)
+
+    # ---- data channel (fd 3): one reader at a time ----------------------------------------
+
+    def wait_data(self, ready, wakeable):
+        """Block until ``ready()`` (called with state_lock held) returns something other than
+        None, and return that. While waiting, this thread is the data pipe's reader if nobody
+        else is (else it waits until the reader steps down or wakes it). ``wakeable``: wait in
+        select() together with the data wake pipe, so that the control thread can wake us (an
+        input() that a cancel must end); otherwise block in read() (the idle main loop).
+
+        On the main thread SIGINT is deferred for the whole wait: a KeyboardInterrupt must not
+        land between reading bytes and routing them, nor while the reader role is handed back
+        (the pipe would have no reader). A cancel ends an input() wait through its slot (set
+        by the control thread, which also wakes us); a deferred signal is re-checked on exit."""
+        on_main = _thread.get_ident() == self.main_ident
+        if on_main:
+            self.sigint_defer = True
+        try:
+            return self._wait_data(ready, wakeable)
+        finally:
+            if on_main:
+                self.sigint_defer = False
+                if self.sigint_deferred:
+                    self.sigint_deferred = False
+                    self.on_sigint(_signal.SIGINT, None)
+
+    def _wait_data(self, ready, wakeable):
+        lock = self.state_lock
+        while True:
+            with lock:
+                r = ready()
+                if r is not None:
+                    return r
+                if self.d_reading:
+                    f = _thread.allocate_lock()
+                    f.acquire()
+                    self.d_followers.append(f)
+                else:
+                    f = None
+                    self.d_reading = True
+                    self.d_wakeable = wakeable
+            if f is not None:
+                f.acquire()  # released when the reader steps down (or a cancel wakes us)
+                continue
+            try:
+                while True:
+                    self.read_data(wakeable)
+                    with lock:
+                        r = ready()
+                        if r is not None or self.d_followers:
+                            break
+            finally:
+                with lock:
+                    self.d_reading = False
+                    followers = self.d_followers
+                    self.d_followers = []
+                for f in followers:
+                    f.release()
+            if r is not None:
+                return r
+
+    def wake_data_waiters(self):
+        """Make every thread waiting in wait_data() re-check its condition (the control
+        thread, for a cancel). Caller holds state_lock."""
+        followers = self.d_followers
+        self.d_followers = []
+        for f in followers:
+            f.release()
+        if self.d_reading and self.d_wakeable:
+            try:
+                os.write(self.dwake_w, b"x")
+            except OSError:
+                pass
+
+    def read_data(self, wakeable):
+        """Read once from fd 3 and route every complete frame (by the current reader)."""
+        fd = self.data_fd
+        if wakeable:
+            import select
+            readable = select.select([fd, self.dwake_r], [], [])[0]
+            if self.dwake_r in readable:
+                try:
+                    os.read(self.dwake_r, 4096)
+                except BlockingIOError:
+                    pass
+            if fd not in readable:
+                return
+        data = self.data_reader
+        chunk = os.read(fd, data.want())
+        if not chunk:
+            self.on_data_eof()
+            return
+        data.feed(chunk)
+        try:
+            for header, body in data.frames():
+                self.on_data(header, body)
+        except FramingError as e:
+            self.fault("malformed data frame from host: %s" % e, True)
 
     def decode(self, header):
         try:
@@ -468,17 +645,40 @@ class Worker:
                     if not self.pending:  # at most one outstanding KeyboardInterrupt
                         self.pending = True
                         _signal.pthread_kill(self.main_ident, _signal.SIGINT)
-                    # Also wake an input() wait directly: a signal that lands just before the
-                    # main thread blocks on the lock would not interrupt it (lost wake-up).
+                        self.sig_retry = SIGINT_RESEND_FIRST
+                    # Also end an input() wait directly: a signal that lands just before the
+                    # main thread blocks (select, a lock) would not interrupt it (lost wake-up).
+                    woke = False
                     for key in [k for k in self.inputs if k[0] == ex]:
-                        self.inputs.pop(key).set(("interrupt", None))
-            self.send({"type": "cancel_ack", "exec": ex, "running": running})
+                        self.inputs.pop(key)[0] = ("interrupt", None)
+                        woke = True
+                    if woke:
+                        self.wake_data_waiters()
+                # The ack is written before state_lock is released: the cell cannot end (its
+                # end takes state_lock before the outcome is sent), so cancel_ack always
+                # precedes the outcome of the cell it hit.
+                self.send({"type": "cancel_ack", "exec": ex, "running": running})
         elif t == "shutdown":
             os._exit(0)
         else:
             self.fault("unknown control message %r" % (t,), False)
 
+    def resend_sigint(self):
+        """The SIGINT sent for a cancel/interrupt has not been handled yet (``pending`` is
+        still set for the same cell): send it again, backing off. A signal can be lost for
+        good: the main thread drops the GIL right before a blocking call (time.sleep, a read),
+        which is exactly when this thread gets the GIL and signals; if the signal lands between
+        the GIL release and the system call, the C handler runs, the call then blocks, and no
+        Python code checks the flag until it returns. Only runs while a signal is unhandled."""
+        with self.state_lock:
+            if self.running is not None and self.pending:
+                _signal.pthread_kill(self.main_ident, _signal.SIGINT)
+                self.sig_retry = min(self.sig_retry * 2, SIGINT_RESEND_MAX)
+            else:
+                self.sig_retry = None
+
     def on_data(self, header, body):
+        """Route one data frame (called by the current data-pipe reader)."""
         msg = self.decode(header)
         if msg is None:
             return
@@ -486,24 +686,32 @@ class Worker:
         if t == "input_reply":
             key = (msg.get("exec"), msg.get("req"))
             with self.state_lock:
-                waiter = self.inputs.pop(key, None)
-            if waiter is None:
+                slot = self.inputs.pop(key, None)
+                if slot is not None:
+                    # Its waiter re-checks once this reader steps down (or it is this reader).
+                    slot[0] = ("text", msg.get("text"))
+            if slot is None:
                 self.log("input_reply for no waiting input: %r" % (key,))
-            else:
-                waiter.set(("text", msg.get("text")))
         elif t in ("hello_ack", "execute", "checkpoint", "restore", "reset"):
-            self.queue.put((msg, body))
+            with self.state_lock:
+                self.d_items.append((msg, body))
         else:
             self.fault("unknown data message %r" % (t,), False)
 
     def on_data_eof(self):
         with self.state_lock:
             self.input_eof = True
-            waiters = list(self.inputs.values())
+            for slot in self.inputs.values():
+                slot[0] = ("eof", None)
             self.inputs.clear()
-        for w in waiters:
-            w.set(("eof", None))
-        self.queue.put(None)
+
+    def next_item(self):
+        """wait_data() condition of the main loop: the next request, or EOF_ITEM."""
+        if self.d_items:
+            return self.d_items.popleft()
+        if self.input_eof:
+            return EOF_ITEM
+        return None
 
     # ---- pump thread --------------------------------------------------------------------
 
@@ -513,26 +721,35 @@ class Worker:
         names = {self.out_r: "stdout", self.err_r: "stderr"}
         fds = [self.out_r, self.err_r, self.wake_r]
 
+        busy_lock = self.drain_lock
+
         def forward(fd, until_empty):
-            # Read what is available (at most output_chunk per frame) and send it.
-            while True:
-                try:
-                    chunk = os.read(fd, self.output_chunk)
-                except BlockingIOError:
-                    return
-                if not chunk:  # every write end closed (user closed fd 1/2)
-                    fds.remove(fd)
-                    return
-                ex = self.out_exec
-                key = (ex, fd)
-                h = headers.get(key)
-                if h is None:
-                    h = headers[key] = json_dumps({"type": "output", "exec": ex, "stream": names[fd]})
-                    if len(headers) > 64:
-                        headers.clear()
-                self.send_raw(encode_frame(h, chunk))
-                if not until_empty and len(chunk) < self.output_chunk:
-                    return
+            # Read what is available (at most output_chunk per frame) and send it. pump_busy
+            # covers every read → send, so that drain() can tell "read but not yet sent".
+            with busy_lock:
+                self.pump_busy = True
+            try:
+                while True:
+                    try:
+                        chunk = os.read(fd, self.output_chunk)
+                    except BlockingIOError:
+                        return
+                    if not chunk:  # every write end closed (user closed fd 1/2)
+                        fds.remove(fd)
+                        return
+                    ex = self.out_exec
+                    key = (ex, fd)
+                    h = headers.get(key)
+                    if h is None:
+                        h = headers[key] = json_dumps({"type": "output", "exec": ex, "stream": names[fd]})
+                        if len(headers) > 64:
+                            headers.clear()
+                    self.send_raw(encode_frame(h, chunk))
+                    if not until_empty and len(chunk) < self.output_chunk:
+                        return
+            finally:
+                with busy_lock:
+                    self.pump_busy = False
 
         try:
             while True:
@@ -562,20 +779,45 @@ class Worker:
             self.fault("pump thread failed: %r" % (e,), True)
 
     def flush_streams(self):
-        seen = []
-        for s in (sys.stdout, sys.stderr, self.stdout, self.stderr):
-            if s is None or any(s is x for x in seen):
-                continue
-            seen.append(s)
+        out, err = sys.stdout, sys.stderr
+        if out is self.stdout and err is self.stderr:  # the usual case: only our two streams
+            streams = (out, err)
+        else:
+            streams = []
+            for x in (out, err, self.stdout, self.stderr):
+                if x is not None and not any(x is y for y in streams):
+                    streams.append(x)
+        for x in streams:
             try:
-                s.flush()
+                x.flush()
             except Exception:
                 pass
+
+    def pipes_empty(self):
+        """True if both capture pipes hold no bytes: one poll() with a zero timeout, which
+        reads nothing (the pump stays their only reader). A pipe whose writers are all gone
+        also reports an event, and a poll object in use by another thread (two threads
+        draining at once) raises: both answer False, so drain() takes the hand-off path."""
+        try:
+            return not self.capture_poll.poll(0)
+        except RuntimeError:  # "concurrent poll() invocation"
+            return False
 
     def drain(self, end_exec):
         """Flush the Python streams and wait until the pump has sent every byte written so far.
         With end_exec, output after the drain is attributed to no cell."""
         self.flush_streams()
+        # Fast path, no hand-off: if both pipes are empty now, every byte written before this
+        # point has been read by the pump (their only reader); if, after that, the pump holds
+        # nothing read-but-unsent, all of it has been sent. (Order matters: pipes first, then
+        # the flag, which is set before each read and cleared after the send.)
+        if self.pipes_empty():
+            with self.drain_lock:
+                idle = not self.pump_busy
+                if idle and end_exec:
+                    self.out_exec = None
+            if idle:
+                return
         sig = Signal()
         with self.drain_lock:
             self.drain_requests.append((sig, end_exec))
@@ -586,6 +828,9 @@ class Worker:
 
     def on_sigint(self, signum, frame):
         # Raise only for a cell targeted by cancel/interrupt; stray or late signals are ignored.
+        if self.sigint_defer:
+            self.sigint_deferred = True  # re-checked when the deferring section ends
+            return
         if self.running is not None and self.pending:
             self.pending = False
             raise KeyboardInterrupt
@@ -604,8 +849,8 @@ class Worker:
                 raise EOFError("input closed")
             self.req_counter += 1
             req = "r%d" % self.req_counter
-            sig = Signal()
-            self.inputs[(ex, req)] = sig
+            slot = [None]
+            self.inputs[(ex, req)] = slot
         on_main = _thread.get_ident() == self.main_ident
         try:
             # Never tear the request frame with a KeyboardInterrupt: block SIGINT while writing;
@@ -618,13 +863,23 @@ class Worker:
             finally:
                 if on_main:
                     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [_signal.SIGINT])
-            kind, text = sig.wait()
+
+            def ready():
+                if slot[0] is not None:
+                    return slot[0]
+                if self.input_eof:
+                    return ("eof", None)
+                return None
+
+            # The reply arrives on the data pipe: wait for it, reading the pipe ourselves when
+            # nobody else does (a cancel wakes us through the data wake pipe).
+            kind, text = self.wait_data(ready, True)
         finally:
             with self.state_lock:
                 self.inputs.pop((ex, req), None)
         if kind == "interrupt":
-            # Woken by the reader for a cancel/interrupt: raise here and consume the pending
-            # signal so it cannot raise a second time later in the cell.
+            # Woken by the control thread for a cancel/interrupt: raise here and consume the
+            # pending signal so it cannot raise a second time later in the cell.
             self.pending = False
             raise KeyboardInterrupt
         if kind == "eof" or text is None:
@@ -637,9 +892,11 @@ class Worker:
     # ---- main loop --------------------------------------------------------------------------
 
     def main_loop(self):
+        next_item = self.next_item
+        wait_data = self.wait_data
         while True:
-            item = self.queue.get()
-            if item is None:  # data channel closed by the host
+            item = wait_data(next_item, False)
+            if item is EOF_ITEM:  # data channel closed by the host
                 os._exit(0)
             msg, body = item
             t = msg["type"]
@@ -665,31 +922,35 @@ class Worker:
 
     # ---- cells ------------------------------------------------------------------------------
 
-    def register_source(self, filename, source):
+    def register_source(self, filename, source, lines=None):
         self.cell_sources[filename] = source
         self.cell_order[filename] = len(self.cell_order) + 1
         lc = self.linecache
         if lc is None:
             import linecache as lc
             self.linecache = lc
-        lines = source.splitlines(True)
-        if lines and not lines[-1].endswith("\n"):
-            lines[-1] += "\n"
+        if lines is None:
+            lines = source_lines(source)
         lc.cache[filename] = (len(source), None, lines, filename)
 
     def compile_cell(self, source, filename):
-        """Compile once: (body code, trailing-expression code or None)."""
-        import _ast
-        flags = PyCF_ALLOW_TOP_LEVEL_AWAIT
-        tree = compile(source, filename, "exec", flags | PyCF_ONLY_AST, dont_inherit=True)
-        last = None
-        if tree.body and isinstance(tree.body[-1], _ast.Expr):
-            last = tree.body.pop()
-        body = compile(tree, filename, "exec", flags, dont_inherit=True)
-        if last is None:
-            return body, None
-        expr = _ast.Expression(last.value)
-        return body, compile(expr, filename, "eval", flags, dont_inherit=True)
+        """(body code, trailing-expression code or None, linecache lines), compiled under
+        ``filename``. Compiling is deterministic for a given source (fixed flags,
+        dont_inherit), so recent sources are cached and a repeated cell only gets its code
+        objects re-labelled with the new file name (~0.5 µs instead of ~20 µs)."""
+        cache = self.code_cache
+        hit = cache.get(source)
+        if hit is not None:
+            body, last, lines = hit
+            return (retarget_code(body, filename),
+                    retarget_code(last, filename) if last is not None else None, lines)
+        body, last = compile_source(source, filename)
+        lines = source_lines(source)
+        if len(source) <= CODE_CACHE_MAX_SOURCE:
+            if len(cache) >= CODE_CACHE_SIZE:
+                del cache[next(iter(cache))]  # oldest first
+            cache[source] = (body, last, lines)
+        return body, last, lines
 
     async def cell_coroutine(self, body, last):
         r = eval(body, self.ns)
@@ -754,8 +1015,8 @@ class Worker:
                 else:
                     self.cell_serial += 1
                     filename = "<cell-x%d>" % self.cell_serial
-                self.register_source(filename, source)
-                body, last = self.compile_cell(source, filename)
+                body, last, lines = self.compile_cell(source, filename)
+                self.register_source(filename, source, lines)
                 flags = body.co_flags | (last.co_flags if last is not None else 0)
                 if flags & CO_COROUTINE:
                     # Any await in the cell: the whole cell runs as one task on the loop, so
@@ -767,14 +1028,19 @@ class Worker:
                         value = eval(last, ns)
             except BaseException as e:
                 exc = e
-        except BaseException as e:  # a KeyboardInterrupt landing inside the handler above
+            finally:
+                # From here on the SIGINT handler only records a signal (user code is over);
+                # cheaper than blocking SIGINT with two sigprocmask calls per cell.
+                self.sigint_defer = True
+        except BaseException as e:  # a KeyboardInterrupt landing inside the handlers above
             exc = e
-        _signal.pthread_sigmask(_signal.SIG_BLOCK, [_signal.SIGINT])
+            self.sigint_defer = True
         with self.state_lock:
             self.running = None
             cancelled = self.cancelled
             self.pending = False
-        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [_signal.SIGINT])
+        self.sigint_defer = False
+        self.sigint_deferred = False  # a signal for the cell that just ended: moot
 
         if cancelled:
             result = {"status": "cancelled"}
@@ -990,13 +1256,15 @@ def run():
         w.capture_fds = tuple(int(a) for a in args[3:6]) if len(args) >= 6 else None
     except ValueError:
         w.capture_fds = None
-    w.frame_readers = ()
+    w.data_reader = FrameReader(w.data_fd, w.max_frame)
+    w.control_reader = FrameReader(w.control_fd, w.max_frame)
+    w.frame_readers = (w.data_reader, w.control_reader)
     w.setup()
     # If getpass is already loaded (it never is under -I -S), patch it directly.
     gp = sys.modules.get("getpass")
     if gp is not None:
         gp.getpass = w.getpass
     _thread.start_new_thread(w.pump_loop, ())
-    _thread.start_new_thread(w.reader_loop, ())
+    _thread.start_new_thread(w.control_loop, ())
     w.hello()
     w.main_loop()
