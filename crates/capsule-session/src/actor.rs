@@ -443,9 +443,13 @@ impl Actor {
                 let _ = reply.send(Ok(()));
             }
             Command::InputReply { exec, req, text } => {
-                if self.routes.contains(&exec) {
+                // Only answers to a request the worker made and nobody answered yet go out:
+                // unsolicited replies could otherwise fill the data pipe while a cell runs.
+                if self.routes.take_input(&exec, &req) {
                     self.send_data(&HostMessage::InputReply { exec, req, text }, &[])
                         .await;
+                } else {
+                    tracing::debug!(%exec, %req, "dropping an input reply nobody asked for");
                 }
             }
             Command::Cancel { exec, interrupt } => self.cancel(exec, interrupt).await,

@@ -200,7 +200,7 @@ impl Reader {
                 prompt,
                 password,
             } => {
-                if let Some(tx) = self.routes.sender(&exec) {
+                if let Some(tx) = self.routes.input_requested(&exec, &req) {
                     self.deliver(
                         tx,
                         Event::InputRequest {

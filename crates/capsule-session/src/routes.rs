@@ -38,6 +38,9 @@ pub(crate) struct Route {
     dropped: u64,
     /// Incomplete UTF-8 tails per stream (stdout, stderr).
     partial: [Vec<u8>; 2],
+    /// Input requests the worker made and nobody answered yet. Only replies to these are
+    /// forwarded, so a client cannot fill the data pipe with replies nobody asked for.
+    inputs: std::collections::HashSet<String>,
 }
 
 /// The table.
@@ -115,6 +118,7 @@ impl Routes {
                 used: 0,
                 dropped: 0,
                 partial: [Vec::new(), Vec::new()],
+                inputs: std::collections::HashSet::new(),
             },
         );
     }
@@ -148,6 +152,21 @@ impl Routes {
             tx: r.tx.clone(),
             event: (!text.is_empty()).then_some(Event::Output { stream, text }),
         })
+    }
+
+    /// Records an input request of `exec`; returns its event sender.
+    pub fn input_requested(&self, exec: &str, req: &str) -> Option<mpsc::Sender<Event>> {
+        let mut g = self.lock();
+        let r = g.get_mut(exec)?;
+        r.inputs.insert(req.to_string());
+        Some(r.tx.clone())
+    }
+
+    /// Whether `req` is an unanswered input request of `exec`; if so it counts as answered.
+    pub fn take_input(&self, exec: &str, req: &str) -> bool {
+        self.lock()
+            .get_mut(exec)
+            .is_some_and(|r| r.inputs.remove(req))
     }
 
     /// A non-output event for an execution.

@@ -163,10 +163,16 @@ async fn a_deadline_on_a_cell_that_ignores_interrupts_kills_the_worker() {
     let mut cfg = crate::support::config();
     cfg.cancel_grace = Duration::from_millis(100);
     let s = capsule_session::Session::start(cfg).await.expect("start");
+    // Ignore SIGINT in an earlier cell (no deadline), so the timed cell cannot be stopped
+    // cooperatively however long it takes to start on a loaded machine.
+    run(
+        &s,
+        "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)",
+    )
+    .await;
     let e = s
         .execute_with(
-            ExecuteRequest::new("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass")
-                .timeout(Duration::from_millis(100)),
+            ExecuteRequest::new("while True:\n    pass").timeout(Duration::from_millis(100)),
         )
         .await
         .expect("q");

@@ -165,3 +165,35 @@ async fn try_next_and_next_together_see_every_event_once() {
     assert_eq!(out, expected);
     assert!(e.try_next().is_none());
 }
+
+#[tokio::test]
+async fn unsolicited_input_replies_are_dropped_and_never_block_control() {
+    let s = session().await;
+    let mut e = s
+        .execute("print('started', flush=True)\nwhile True: pass")
+        .await
+        .expect("q");
+    crate::support::started(&mut e, "started").await;
+    // Far more than a pipe holds: nothing asked for them, so none may reach the worker.
+    let big = "x".repeat(4096);
+    for i in 0..5_000 {
+        e.reply_input(&format!("never-asked-{i}"), Some(big.clone()))
+            .await
+            .expect("accepted");
+    }
+    e.cancel().await.expect("cancel");
+    assert_eq!(drain(e).await.status(), &OutcomeStatus::Cancelled);
+    // A real request still gets its answer.
+    let mut e = s.execute("input('? ')").await.expect("q");
+    let seen = until(&mut e, |ev| matches!(ev, Event::InputRequest { .. })).await;
+    let Some(Event::InputRequest { req, .. }) = seen.last() else {
+        panic!("no request");
+    };
+    e.reply_input(req, Some("real".into()))
+        .await
+        .expect("reply");
+    e.reply_input(req, Some("twice".into()))
+        .await
+        .expect("a second answer is dropped");
+    assert_eq!(drain(e).await.value(), &json!("real"));
+}
