@@ -8,7 +8,7 @@
 //!    unpinned / pinned;
 //! 2. cold session start to ready and to the first result vs `python -I -S -c pass` (the same
 //!    interpreter binary the session resolved, shims excluded);
-//! 3. the pool / fork-server slot (n/a until POOL-001 lands);
+//! 3. the pool: warm acquire, fork server vs plain spawn, pool start to `min_idle = 4`;
 //! 4. stdout throughput: 100,000 `print` lines and 100 × 1 MiB writes, every byte counted and
 //!    checked, next to the floor worker sending the same bytes;
 //! 5. cancel latency (busy loop, `time.sleep`, each idle and under an output flood);
@@ -175,8 +175,14 @@ fn main() -> Result<()> {
     ));
 
     // 3. Pool.
-    let pool = "n/a: pool not built (crates/capsule-pool exposes no API yet)".to_string();
-    log(format!("pool: {pool}"));
+    let pool = rt.block_on(workloads::pool(&cfg, &sizes))?;
+    log(format!(
+        "pool: warm acquire {} | fork server ready {} | spawn ready {} | pool start (4) {}",
+        pool.warm_acquire.line(),
+        pool.fork_ready.line(),
+        pool.spawn_ready.line(),
+        pool.pool_start_4.line()
+    ));
 
     // 4. Output.
     let output = rt.block_on(workloads::output(&cfg, &python, &sizes))?;

@@ -289,6 +289,100 @@ pub async fn cold(config: &SessionConfig, python: &Path, n: usize) -> Result<Col
 }
 
 // ------------------------------------------------------------------------------------------
+// 3. Pool and fork server
+// ------------------------------------------------------------------------------------------
+
+/// Workload 3.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pool {
+    /// `acquire()` of an idle session, timed by the caller, µs.
+    pub warm_acquire: Summary,
+    /// `Session::start` → ready through the fork server (policy `none`, which it needs), µs.
+    pub fork_ready: Summary,
+    /// `Session::start` → ready by plain spawn, same policy, interleaved with `fork_ready`, µs.
+    pub spawn_ready: Summary,
+    /// Pool start with `min_idle = 4` until 4 sessions are ready (default policy, spawn), µs.
+    pub pool_start_4: Summary,
+    /// fork_ready median / spawn_ready median.
+    pub ratio_fork_spawn: f64,
+}
+
+/// Workload 3: warm acquire, fork server vs plain spawn, pool start to `min_idle = 4`.
+pub async fn pool(config: &SessionConfig, sizes: &Sizes) -> Result<Pool> {
+    use capsule_pool::{ForkServer, PoolConfig, SessionPool};
+    let quick = sizes.cold < 10;
+    let rounds = if quick { 3 } else { 30 };
+    // Fork server vs spawn, A/B interleaved, both unconfined.
+    let mut none = config.clone();
+    none.sandbox = capsule_session::config::load_policy("none")?;
+    let fork = ForkServer::new(&none, &[]).map_err(|e| anyhow::anyhow!("fork server: {e}"))?;
+    let launcher: std::sync::Arc<dyn capsule_session::Launcher> = fork;
+    Session::start_with(none.clone(), Some(launcher.clone()))
+        .await?
+        .shutdown()
+        .await?;
+    let (mut forked, mut spawned) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let s = Session::start(none.clone()).await?;
+        spawned.push(us(t.elapsed()));
+        s.shutdown().await?;
+        let t = Instant::now();
+        let s = Session::start_with(none.clone(), Some(launcher.clone())).await?;
+        forked.push(us(t.elapsed()));
+        run_ok(&s, "x=1").await?;
+        s.shutdown().await?;
+    }
+    // Pool start.
+    let mut starts = Vec::new();
+    for _ in 0..if quick { 1 } else { 3 } {
+        let t = Instant::now();
+        let pool = SessionPool::start(PoolConfig {
+            min_idle: 4,
+            max_sessions: 4,
+            session: config.clone(),
+            ..PoolConfig::default()
+        })
+        .await?;
+        pool.wait_ready().await?;
+        starts.push(us(t.elapsed()));
+        pool.stop().await;
+    }
+    // Warm acquire: take every idle session, give them back, wait until all are idle again.
+    let n = 8;
+    let pool = SessionPool::start(PoolConfig {
+        min_idle: n,
+        max_sessions: n,
+        session: config.clone(),
+        ..PoolConfig::default()
+    })
+    .await?;
+    pool.wait_ready().await?;
+    let mut hits = Vec::new();
+    for _ in 0..rounds * 4 {
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let s = pool.acquire(Duration::from_secs(30)).await?;
+            hits.push(us(t.elapsed()));
+            held.push(s);
+        }
+        drop(held);
+        pool.wait_until(|i| i.idle == n).await;
+    }
+    pool.stop().await;
+    let fork_ready = Summary::of(&forked, "us");
+    let spawn_ready = Summary::of(&spawned, "us");
+    Ok(Pool {
+        ratio_fork_spawn: fork_ready.median / spawn_ready.median,
+        warm_acquire: Summary::of(&hits, "us"),
+        fork_ready,
+        spawn_ready,
+        pool_start_4: Summary::of(&starts, "us"),
+    })
+}
+
+// ------------------------------------------------------------------------------------------
 // 4. Output throughput
 // ------------------------------------------------------------------------------------------
 

@@ -55,7 +55,20 @@ fn quick_run_produces_a_complete_report_with_every_byte_accounted_for() {
     for k in ["ready", "first_result", "spawn_pass"] {
         summary_ok(get(cold, k), k);
     }
-    assert!(get(&report, "pool").is_string());
+    assert!(
+        get(&report, "pool")["warm_acquire"]["n"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{report}"
+    );
+    assert!(
+        get(&report, "pool")["fork_ready"]["n"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{report}"
+    );
 
     let output = get(&report, "output").as_array().expect("output");
     let names: Vec<&str> = output
