@@ -70,6 +70,12 @@ struct Args {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
+    // CAPSULE_BENCH_RUNTIME=current runs every host task on one thread (a variant).
+    if std::env::var("CAPSULE_BENCH_RUNTIME").as_deref() == Ok("current") {
+        return Ok(tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?);
+    }
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
@@ -95,10 +101,18 @@ fn child_main(args: &Args) -> Result<()> {
     }
 }
 
-fn run_child_roundtrip(quick: bool, pin: Option<usize>) -> Result<RoundtripSamples> {
+fn run_child_roundtrip(
+    quick: bool,
+    pin: Option<usize>,
+    sandbox_off: bool,
+) -> Result<RoundtripSamples> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.args(["--child", "roundtrip"]);
+    if sandbox_off {
+        // Same workload with the `none` policy: what the sandbox costs per round trip.
+        cmd.env("CAPSULE_SANDBOX", "none");
+    }
     if quick {
         cmd.arg("--quick");
     }
@@ -144,15 +158,22 @@ fn main() -> Result<()> {
     // 1. Round trip: child processes alternate unpinned / pinned (A B A B ...).
     let mut unpinned = Vec::new();
     let mut pinned = Vec::new();
+    let mut pinned_nosandbox = Vec::new();
     for round in 0..sizes.rt_rounds {
         log(format!("round trip: round {} unpinned", round + 1));
-        unpinned.push(run_child_roundtrip(args.quick, None)?);
+        unpinned.push(run_child_roundtrip(args.quick, None, false)?);
         log(format!("round trip: round {} pinned to CPU 0", round + 1));
-        pinned.push(run_child_roundtrip(args.quick, Some(0))?);
+        pinned.push(run_child_roundtrip(args.quick, Some(0), false)?);
+        log(format!(
+            "round trip: round {} pinned to CPU 0, sandbox off",
+            round + 1
+        ));
+        pinned_nosandbox.push(run_child_roundtrip(args.quick, Some(0), true)?);
     }
     let roundtrip = vec![
         workloads::roundtrip_merge("unpinned", &unpinned),
         workloads::roundtrip_merge("pinned (CPU 0)", &pinned),
+        workloads::roundtrip_merge("pinned (CPU 0), sandbox off", &pinned_nosandbox),
     ];
     for r in &roundtrip {
         log(format!(
