@@ -108,6 +108,9 @@ enum Current {
         deadline: Option<Instant>,
         /// When the grace period of a sent cancel ends.
         grace_until: Option<Instant>,
+        /// The sandbox policy's per-cell wall-clock limit (`limits.wall_clock_ms`): a hard limit,
+        /// the worker is killed at once and the cell ends `killed {reason: wall_clock}`.
+        hard_deadline: Option<Instant>,
     },
     Checkpoint {
         req: String,
@@ -127,6 +130,7 @@ enum Current {
 #[derive(Clone, Debug)]
 enum KillCause {
     CancelEscalation(CancelReason),
+    WallClock,
     Restart,
     Shutdown,
     Protocol(String),
@@ -380,11 +384,12 @@ impl Actor {
             Some(Current::Cell {
                 deadline,
                 grace_until,
+                hard_deadline,
                 ..
-            }) => match (deadline, grace_until) {
-                (Some(d), Some(g)) => Some(*d.min(g)),
-                (d, g) => d.or(*g),
-            },
+            }) => [*deadline, *grace_until, *hard_deadline]
+                .into_iter()
+                .flatten()
+                .min(),
             _ => None,
         }
     }
@@ -533,10 +538,19 @@ impl Actor {
             exec,
             deadline,
             grace_until,
+            hard_deadline,
         }) = &mut self.current
         else {
             return;
         };
+        if hard_deadline.is_some_and(|d| d <= now) {
+            *hard_deadline = None;
+            *grace_until = None;
+            *deadline = None;
+            tracing::info!(session = %self.id, exec = %exec, "the policy's wall-clock limit passed; killing the worker");
+            self.kill(KillCause::WallClock);
+            return;
+        }
         if grace_until.is_some_and(|g| g <= now) {
             *grace_until = None;
             *deadline = None;
@@ -682,6 +696,12 @@ impl Actor {
                         exec: exec.clone(),
                         deadline: timeout.map(|t| Instant::now() + t),
                         grace_until: None,
+                        hard_deadline: self
+                            .config
+                            .sandbox
+                            .limits
+                            .wall_clock_ms
+                            .map(|ms| Instant::now() + Duration::from_millis(ms)),
                     });
                     self.send_data(
                         &HostMessage::Execute {
@@ -1011,6 +1031,10 @@ fn lost_status(
         Some(KillCause::CancelEscalation(CancelReason::User)) => OutcomeStatus::WorkerLost {
             reason: "the cell did not stop within the cancel grace period; the worker was killed"
                 .into(),
+        },
+        Some(KillCause::WallClock) => OutcomeStatus::Killed {
+            reason: KillReason::WallClock,
+            detail: "the sandbox policy's per-cell wall-clock limit passed".into(),
         },
         Some(KillCause::Restart) => OutcomeStatus::WorkerLost {
             reason: "the session was restarted".into(),

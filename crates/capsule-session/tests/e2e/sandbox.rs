@@ -220,3 +220,24 @@ async fn a_policy_requiring_a_missing_layer_refuses_to_start_and_names_it() {
     let err = Session::start(cfg).await.expect_err("fail closed");
     assert!(err.to_string().contains("pid_ns"), "{err}");
 }
+
+#[tokio::test]
+async fn the_policy_wall_clock_limit_kills_a_cell_with_reason_wall_clock() {
+    let s = strict(|p| p.limits.wall_clock_ms = Some(300)).await;
+    let r = run(&s, "import time\ntime.sleep(100)").await;
+    assert!(
+        matches!(
+            r.status(),
+            OutcomeStatus::Killed {
+                reason: KillReason::WallClock,
+                ..
+            }
+        ),
+        "{:?}",
+        r.status()
+    );
+    assert_eq!(
+        run(&s, "'within the limit'").await.value(),
+        &json!("within the limit")
+    );
+}
