@@ -46,7 +46,11 @@ fn quick_run_produces_a_complete_report_with_every_byte_accounted_for() {
     }
 
     let rt = get(&report, "roundtrip").as_array().expect("roundtrip");
-    assert_eq!(rt.len(), 2, "unpinned and pinned variants");
+    assert_eq!(
+        rt.len(),
+        3,
+        "unpinned, pinned and pinned-with-the-sandbox-off variants"
+    );
     for r in rt {
         summary_ok(get(r, "capsule"), "roundtrip.capsule");
         summary_ok(get(r, "floor"), "roundtrip.floor");
