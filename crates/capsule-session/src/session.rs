@@ -483,22 +483,27 @@ impl Execution {
         if self.done {
             return None;
         }
-        let ev = match self.rx.recv().await {
-            Some(ev) => ev,
-            // The actor cannot vanish without ending its executions, but if it ever did the
-            // client still gets exactly one outcome, never a silent end.
-            None => Event::Outcome(Outcome {
+        let ev = self.rx.recv().await;
+        Some(self.seen(ev))
+    }
+
+    /// Marks the end at the outcome. A closed channel (`None`) still yields exactly one outcome:
+    /// the actor cannot vanish without ending its executions, but if it ever did the client
+    /// would get `worker_lost`, never a silent end.
+    fn seen(&mut self, ev: Option<Event>) -> Event {
+        let ev = ev.unwrap_or_else(|| {
+            Event::Outcome(Outcome {
                 status: OutcomeStatus::WorkerLost {
                     reason: "session ended without reporting an outcome".into(),
                 },
                 duration_ms: 0.0,
                 truncated: None,
-            }),
-        };
+            })
+        });
         if matches!(ev, Event::Outcome(_)) {
             self.done = true;
         }
-        Some(ev)
+        ev
     }
 
     /// The next event if one is already waiting, without waiting (for writers that batch).
@@ -507,21 +512,11 @@ impl Execution {
         if self.done {
             return None;
         }
-        let ev = match self.rx.try_recv() {
-            Ok(ev) => ev,
-            Err(mpsc::error::TryRecvError::Empty) => return None,
-            Err(mpsc::error::TryRecvError::Disconnected) => Event::Outcome(Outcome {
-                status: OutcomeStatus::WorkerLost {
-                    reason: "session ended without reporting an outcome".into(),
-                },
-                duration_ms: 0.0,
-                truncated: None,
-            }),
-        };
-        if matches!(ev, Event::Outcome(_)) {
-            self.done = true;
+        match self.rx.try_recv() {
+            Ok(ev) => Some(self.seen(Some(ev))),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(self.seen(None)),
         }
-        Some(ev)
     }
 
     /// See [`ExecHandle::cancel`].
