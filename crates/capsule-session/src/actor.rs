@@ -352,11 +352,13 @@ impl Actor {
             let timer = self.next_timer();
             tokio::select! {
                 biased;
+                // Notices first: a cell's outcome reaches its client only after its notice was
+                // queued here, so a command sent after seeing an outcome sees its effects.
+                Some(notice) = self.notices.recv() => self.on_notice(notice).await,
                 cmd = commands.recv(), if !self.closing => match cmd {
                     Some(cmd) => self.on_command(cmd).await,
                     None => self.begin_shutdown().await,
                 },
-                Some(notice) = self.notices.recv() => self.on_notice(notice).await,
                 _ = sleep_until(timer.unwrap_or_else(far_future).into()), if timer.is_some() => self.on_timer().await,
                 _ = tick(&mut heartbeat), if self.worker.is_some() && heartbeat.is_some() => self.ping().await,
             }

@@ -240,16 +240,16 @@ impl Reader {
                     Some(duration_ms),
                 );
                 let (mut error, mut truncated) = (false, false);
-                if let Some((tx, events)) = finished {
+                if let Some((_, events)) = &finished {
                     if let Some(Event::Outcome(o)) = events.last() {
                         tracing::debug!(%exec, status = o.status.name(), duration_ms, "outcome");
                         error = matches!(o.status, OutcomeStatus::Error { .. });
                         truncated = o.truncated.is_some();
                     }
-                    for ev in events {
-                        self.deliver(tx.clone(), ev).await;
-                    }
                 }
+                // The actor hears of the outcome before the client does, so anything the client
+                // asks after seeing it (info, a pool release) finds the session already idle and
+                // its counters updated: the actor serves notices ahead of commands.
                 let _ = self
                     .notices
                     .send(Notice::CellDone {
@@ -259,6 +259,11 @@ impl Reader {
                         truncated,
                     })
                     .await;
+                if let Some((tx, events)) = finished {
+                    for ev in events {
+                        self.deliver(tx.clone(), ev).await;
+                    }
+                }
             }
             WorkerMessage::CancelAck { exec, running } => {
                 tracing::debug!(%exec, running, "cancel acknowledged");

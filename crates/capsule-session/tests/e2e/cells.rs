@@ -146,3 +146,17 @@ async fn info_reports_the_worker_and_counters() {
         "a closed session refuses work"
     );
 }
+
+#[tokio::test]
+async fn info_right_after_an_outcome_already_counts_that_cell() {
+    let s = session().await;
+    for i in 1..=50u64 {
+        run(&s, "1/0").await;
+        let info = s.info().await.expect("info");
+        assert_eq!(
+            (info.errors, info.executions, info.state),
+            (i, i, capsule_session::SessionState::Idle),
+            "after cell {i}"
+        );
+    }
+}
