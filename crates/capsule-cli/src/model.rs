@@ -345,6 +345,8 @@ pub struct InfoDto {
     pub bytes_in: u64,
     /// Cells truncated.
     pub output_truncations: u64,
+    /// Cells ended `killed`, by reason.
+    pub kills: std::collections::BTreeMap<String, u64>,
     /// Protocol errors.
     pub protocol_errors: u64,
     /// Worker faults.
@@ -394,6 +396,7 @@ impl From<&SessionInfo> for InfoDto {
             frames_in: i.frames_in,
             bytes_in: i.bytes_in,
             output_truncations: i.output_truncations,
+            kills: i.kills.clone(),
             protocol_errors: i.protocol_errors,
             faults: i.faults,
             scratch_dir: i.scratch_dir.clone(),

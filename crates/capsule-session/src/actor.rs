@@ -198,6 +198,8 @@ struct Actor {
     workers_lost: u64,
     workers_started: u64,
     truncations: u64,
+    /// Cells ended `killed`, by reason.
+    kills: std::collections::BTreeMap<&'static str, u64>,
     last_python: String,
     last_version: u32,
 }
@@ -262,6 +264,7 @@ pub(crate) async fn start(
         workers_lost: 0,
         workers_started: 0,
         truncations: 0,
+        kills: std::collections::BTreeMap::new(),
         last_python: String::new(),
         last_version: 0,
     };
@@ -655,6 +658,9 @@ impl Actor {
             if o.truncated.is_some() {
                 self.truncations += 1;
             }
+            if let OutcomeStatus::Killed { reason, .. } = &o.status {
+                *self.kills.entry(reason.as_str()).or_insert(0) += 1;
+            }
         }
     }
 
@@ -996,6 +1002,11 @@ impl Actor {
             frames_in: self.stats.frames_in.load(Ordering::Relaxed),
             bytes_in: self.stats.bytes_in.load(Ordering::Relaxed),
             output_truncations: self.truncations,
+            kills: self
+                .kills
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
             protocol_errors: self.stats.protocol_errors.load(Ordering::Relaxed),
             faults: self.stats.faults.load(Ordering::Relaxed),
             scratch_dir: self.scratch.path().to_path_buf(),

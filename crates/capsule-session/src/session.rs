@@ -157,6 +157,8 @@ pub struct SessionInfo {
     pub bytes_in: u64,
     /// Cells whose output went over the budget.
     pub output_truncations: u64,
+    /// Cells that ended `killed`, by reason (`cpu_limit`, `oom`, `wall_clock`, ...).
+    pub kills: std::collections::BTreeMap<String, u64>,
     /// Protocol errors seen (undecodable or torn frames).
     pub protocol_errors: u64,
     /// Worker faults reported.
