@@ -209,6 +209,8 @@ async fn an_endless_loop_under_a_cpu_limit_is_killed_with_reason_cpu_limit() {
         run(&s, "'fresh worker'").await.value(),
         &json!("fresh worker")
     );
+    let kills = s.info().await.expect("info").kills;
+    assert_eq!(kills.get("cpu_limit"), Some(&1), "{kills:?}");
 }
 
 #[tokio::test]
