@@ -323,6 +323,13 @@ pub(crate) async fn spawn_worker(
                 (child_err_r.as_raw_fd(), STDERR_CAPTURE_FD),
                 (child_log.as_raw_fd(), LOG_FD),
             ];
+            // The sandbox's hook runs first: it works on descriptors prepared in this process
+            // (Landlock ruleset, cgroup and report pipes), whose numbers may be anywhere,
+            // including 3..=8; our `dup2`s onto 3..=8 come after it, when it no longer needs
+            // them. (In the other order a `dup2` could replace the ruleset with a pipe: seen as
+            // EBADFD from landlock_restrict_self.) The parent-death signal is also set after the
+            // sandbox's credential changes, which would clear it.
+            sandbox.install(cmd.as_std_mut())?;
             let parent_pid = std::process::id() as libc::pid_t;
             // SAFETY: the closure runs in the forked child before exec and only makes raw syscalls
             // (dup2, prctl, getppid, _exit) on integers captured by value: no allocation, no locks.
@@ -342,8 +349,6 @@ pub(crate) async fn spawn_worker(
                     Ok(())
                 });
             }
-            // Registered after the descriptor moves above, so it runs second in the child.
-            sandbox.install(cmd.as_std_mut())?;
             let mut child = match cmd.spawn() {
                 Ok(c) => c,
                 Err(source) => {
