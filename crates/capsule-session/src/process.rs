@@ -247,6 +247,23 @@ pub(crate) async fn spawn_worker(
     )
     .map_err(io_err("moving the stderr capture pipe"))?;
     let child_log = high_fd(log_w).map_err(io_err("moving the log pipe"))?;
+    // The child's ends, in the order of the worker descriptors they become (3..=8).
+    let child_ends = [
+        child_data,
+        child_ev,
+        child_ctl,
+        child_out_r,
+        child_err_r,
+        child_log,
+    ];
+    let worker_fds = [
+        DATA_FD,
+        EVENT_FD,
+        CONTROL_FD,
+        STDOUT_CAPTURE_FD,
+        STDERR_CAPTURE_FD,
+        LOG_FD,
+    ];
     set_nonblocking(&out_r).map_err(io_err("configuring the stdout capture pipe"))?;
     set_nonblocking(&err_r).map_err(io_err("configuring the stderr capture pipe"))?;
     let captures = Captures {
@@ -255,7 +272,7 @@ pub(crate) async fn spawn_worker(
     };
 
     // The sandbox is prepared in the parent (allocations, BPF, Landlock ruleset, cgroup); its
-    // child-side hook runs after ours. A layer the policy requires but the kernel lacks fails
+    // child-side hook runs before ours (see below). A layer the policy requires but the kernel lacks fails
     // here, before anything is spawned (fail closed).
     let mut read_paths = interp.read_paths.clone();
     read_paths.push(bundle.dir.clone());
@@ -273,12 +290,12 @@ pub(crate) async fn spawn_worker(
         let req = LaunchRequest {
             session_id,
             fds: [
-                child_data.as_raw_fd(),
-                child_ev.as_raw_fd(),
-                child_ctl.as_raw_fd(),
-                child_out_r.as_raw_fd(),
-                child_err_r.as_raw_fd(),
-                child_log.as_raw_fd(),
+                child_ends[0].as_raw_fd(),
+                child_ends[1].as_raw_fd(),
+                child_ends[2].as_raw_fd(),
+                child_ends[3].as_raw_fd(),
+                child_ends[4].as_raw_fd(),
+                child_ends[5].as_raw_fd(),
                 out_w.as_raw_fd(),
                 err_w.as_raw_fd(),
             ],
@@ -294,16 +311,7 @@ pub(crate) async fn spawn_worker(
     }
     let (pid, exit, launched_by) = match launched {
         Some(l) => {
-            drop((
-                child_data,
-                child_ev,
-                child_ctl,
-                child_out_r,
-                child_err_r,
-                child_log,
-                out_w,
-                err_w,
-            ));
+            drop((child_ends, out_w, err_w));
             l
         }
         None => {
@@ -315,14 +323,10 @@ pub(crate) async fn spawn_worker(
                 .current_dir(scratch)
                 .process_group(0)
                 .kill_on_drop(true);
-            let moves = [
-                (child_data.as_raw_fd(), DATA_FD),
-                (child_ev.as_raw_fd(), EVENT_FD),
-                (child_ctl.as_raw_fd(), CONTROL_FD),
-                (child_out_r.as_raw_fd(), STDOUT_CAPTURE_FD),
-                (child_err_r.as_raw_fd(), STDERR_CAPTURE_FD),
-                (child_log.as_raw_fd(), LOG_FD),
-            ];
+            let mut moves = [(0, 0); 6];
+            for (m, (end, dst)) in moves.iter_mut().zip(child_ends.iter().zip(worker_fds)) {
+                *m = (end.as_raw_fd(), dst);
+            }
             // The sandbox's hook runs first: it works on descriptors prepared in this process
             // (Landlock ruleset, cgroup and report pipes), whose numbers may be anywhere,
             // including 3..=8; our `dup2`s onto 3..=8 come after it, when it no longer needs
@@ -361,14 +365,7 @@ pub(crate) async fn spawn_worker(
                     })
                 }
             };
-            drop((
-                child_data,
-                child_ev,
-                child_ctl,
-                child_out_r,
-                child_err_r,
-                child_log,
-            ));
+            drop(child_ends);
             let pid = child.id().unwrap_or(0);
             if let Err(e) = sandbox.after_spawn(pid) {
                 kill_group(pid);
