@@ -11,18 +11,32 @@
 //! The template reaps its children and reports `{exit: pid, status}`, so sessions get real exit
 //! statuses.
 //!
+//! **Sandbox.** The template itself runs no user code and holds no sandbox layers (it keeps
+//! the host's credentials, with a clean environment). Every fork request carries the session's
+//! sandbox plan ([`capsule_sandbox::ForkPlan`], prepared by the session exactly as for a spawn)
+//! and its descriptors; the child applies it (`capsule_worker.confine`) before running anything
+//! else: its own user, network, IPC, UTS and mount namespaces, private `/dev/shm`, rlimits,
+//! identity drop, no_new_privs, its own Landlock domain (scoped: no signals or abstract sockets
+//! across domains) and seccomp filter, and the host moves it into its own cgroups by pid. So a
+//! forked worker has the layers of a spawned one, and none of the template's open descriptors
+//! (they are pointed at `/dev/null`).
+//!
+//! **Staleness.** The template is keyed by the pool's fingerprint (interpreter, environment,
+//! policy, warm imports) and, in addition, by a stamp of the modification times of the
+//! interpreter's library directories (site-packages included) and the session's `sys.path`:
+//! when a package is installed or removed, the next launch retires the template and starts a
+//! new one ([`ForkInfo::templates_stale`]).
+//!
 //! **Invariants:** one reader of the template socket (the reader task here); the host never
 //! touches the worker's pipes (the session does); a template crash loses no session (workers
 //! are in their own sessions and keep running; their exits are then observed through a pidfd,
 //! status unknown) and the next launch starts a new template, while launches in flight fail
-//! and the session falls back to a plain spawn. Used only under an unconfined sandbox policy:
-//! per-session sandbox layers are applied by the spawn path (SEC-001); applying them in the
-//! forked child is the documented seam (`docs/architecture.md`).
+//! and the session falls back to a plain spawn.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -50,6 +64,10 @@ pub struct ForkServer {
     /// `{"site", "sys_path", "warm"}` for the template (see `template.py`).
     template_config: String,
     start_timeout: Duration,
+    /// Directories whose modification times make up the environment stamp: the interpreter's
+    /// stdlib and site-packages, and the session's extra `sys.path`. Installing or removing a
+    /// package changes one of them, and a template started before that is retired.
+    stamp_dirs: Vec<PathBuf>,
     current: Mutex<Option<Arc<Template>>>,
     /// Serialises template builds, so concurrent first launches share one template instead of
     /// each starting its own. Held across the build's awaits on purpose; nothing else takes it.
@@ -57,6 +75,7 @@ pub struct ForkServer {
     /// Pids of workers this server forked and nobody asked about yet ([`ForkServer::forked`]).
     forked: Mutex<HashSet<u32>>,
     templates_started: AtomicU64,
+    templates_stale: AtomicU64,
     forks: AtomicU64,
     failures: AtomicU64,
     disabled: Mutex<Option<String>>,
@@ -71,8 +90,11 @@ pub struct ForkInfo {
     pub disabled_reason: Option<String>,
     /// Pid of the current template.
     pub template_pid: Option<u32>,
-    /// Templates started (more than one: a template died and was rebuilt).
+    /// Templates started (more than one: a template died, or went stale, and was rebuilt).
     pub templates_started: u64,
+    /// Templates retired because the Python environment changed under them (a package
+    /// installed or removed since they imported their modules).
+    pub templates_stale: u64,
     /// Workers forked.
     pub forks: u64,
     /// Launches that failed (the session fell back to a plain spawn).
@@ -82,12 +104,24 @@ pub struct ForkInfo {
 #[derive(Debug)]
 struct Template {
     pid: u32,
+    /// The environment stamp when the template started.
+    stamp: u64,
     sock: OwnedFd,
     alive: AtomicBool,
     next_id: AtomicU64,
     pending: Mutex<HashMap<u64, oneshot::Sender<LaunchReply>>>,
     exits: Mutex<HashMap<u32, oneshot::Sender<i32>>>,
     child: Mutex<Option<tokio::process::Child>>,
+}
+
+impl Template {
+    /// Marks the template dead and kills it; the workers it forked live on.
+    fn retire(&self) {
+        self.alive.store(false, Ordering::Release);
+        if let Some(mut child) = lock(&self.child).take() {
+            let _ = child.start_kill();
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -100,15 +134,9 @@ fn other(msg: impl Into<String>) -> std::io::Error {
 
 impl ForkServer {
     /// Prepares a fork server for sessions of `session` with `warm_imports` pre-imported in the
-    /// template. The template starts on the first launch. Errors if the configuration cannot use
-    /// one (sandbox policy not unconfined) or the interpreter/runtime cannot be prepared.
+    /// template. The template starts on the first launch. Errors if the interpreter or the
+    /// worker runtime cannot be prepared.
     pub fn new(session: &SessionConfig, warm_imports: &[String]) -> Result<Arc<Self>, String> {
-        if !session.sandbox.is_unconfined() {
-            return Err(
-                "the sandbox policy applies per-session layers, which only the spawn path does yet"
-                    .into(),
-            );
-        }
         let interp = capsule_worker::resolve_interpreter(session.python.as_deref())
             .map_err(|e| e.to_string())?;
         let bundle =
@@ -116,7 +144,7 @@ impl ForkServer {
         let literal =
             serde_json::Value::String(bundle.dir.to_string_lossy().into_owned()).to_string();
         Ok(Arc::new(ForkServer {
-            python: interp.executable,
+            python: interp.executable.clone(),
             bootstrap: format!(
                 "import sys; sys.path.insert(0, {literal}); import capsule_worker; capsule_worker.template_main()"
             ),
@@ -132,10 +160,17 @@ impl ForkServer {
             })
             .to_string(),
             start_timeout: session.start_timeout,
+            stamp_dirs: interp
+                .read_paths
+                .iter()
+                .chain(session.sys_path.iter())
+                .cloned()
+                .collect(),
             current: Mutex::new(None),
             building: tokio::sync::Mutex::new(()),
             forked: Mutex::new(HashSet::new()),
             templates_started: AtomicU64::new(0),
+            templates_stale: AtomicU64::new(0),
             forks: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             disabled: Mutex::new(None),
@@ -146,10 +181,7 @@ impl ForkServer {
     /// launch would start a new one.
     pub fn shutdown(&self) {
         if let Some(t) = lock(&self.current).take() {
-            t.alive.store(false, Ordering::Release);
-            if let Some(mut child) = lock(&t.child).take() {
-                let _ = child.start_kill();
-            }
+            t.retire();
         }
     }
 
@@ -169,14 +201,40 @@ impl ForkServer {
                 .filter(|t| t.alive.load(Ordering::Acquire))
                 .map(|t| t.pid),
             templates_started: self.templates_started.load(Ordering::Relaxed),
+            templates_stale: self.templates_stale.load(Ordering::Relaxed),
             forks: self.forks.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
         }
     }
 
+    /// A digest of the modification times of [`ForkServer::stamp_dirs`] (a few `stat`s).
+    fn env_stamp(&self) -> u64 {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let mut h = DefaultHasher::new();
+        for d in &self.stamp_dirs {
+            d.hash(&mut h);
+            if let Ok(m) = std::fs::metadata(d).and_then(|m| m.modified()) {
+                m.hash(&mut h);
+            }
+        }
+        h.finish()
+    }
+
     async fn template(&self) -> std::io::Result<Arc<Template>> {
         if let Some(reason) = lock(&self.disabled).clone() {
             return Err(other(reason));
+        }
+        // A template whose environment changed since it imported its modules would hand out
+        // stale modules: retire it (its forked workers live on) and start a new one.
+        let stamp = self.env_stamp();
+        let stale = lock(&self.current)
+            .as_ref()
+            .filter(|t| t.alive.load(Ordering::Acquire) && t.stamp != stamp)
+            .cloned();
+        if let Some(t) = stale {
+            self.templates_stale.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(template = t.pid, "the Python environment changed; retiring the fork-server template");
+            t.retire();
         }
         if let Some(t) = lock(&self.current)
             .as_ref()
@@ -192,12 +250,12 @@ impl ForkServer {
         {
             return Ok(t.clone());
         }
-        let t = self.start_template().await?;
+        let t = self.start_template(stamp).await?;
         *lock(&self.current) = Some(t.clone());
         Ok(t)
     }
 
-    async fn start_template(&self) -> std::io::Result<Arc<Template>> {
+    async fn start_template(&self, stamp: u64) -> std::io::Result<Arc<Template>> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let (host, tmpl) = socketpair(
             AddressFamily::Unix,
@@ -236,6 +294,8 @@ impl ForkServer {
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("LANG", "C.UTF-8")
         .env("LC_ALL", "C.UTF-8")
+        // Like the workers: never write `__pycache__` into the user's directories.
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .process_group(0)
         .kill_on_drop(true);
         let fd = tmpl_high.as_raw_fd();
@@ -258,6 +318,7 @@ impl ForkServer {
         let pid = child.id().unwrap_or(0);
         let t = Arc::new(Template {
             pid,
+            stamp,
             sock: host,
             alive: AtomicBool::new(true),
             next_id: AtomicU64::new(1),
@@ -288,6 +349,8 @@ impl ForkServer {
 
     async fn fork(&self, t: &Arc<Template>, req: &LaunchRequest<'_>) -> std::io::Result<Launched> {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let plan: serde_json::Value = serde_json::from_str(&req.sandbox.json)
+            .map_err(|e| other(format!("the sandbox plan is not JSON: {e}")))?;
         let id = t.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&t.pending).insert(id, tx);
@@ -295,10 +358,14 @@ impl ForkServer {
             "id": id,
             "scratch": req.scratch.to_string_lossy(),
             "env": req.env,
+            "confine": plan,
+            "confine_fds": req.sandbox.fds.len(),
         })
         .to_string();
         let iov = [IoSlice::new(msg.as_bytes())];
-        let cmsg = [ControlMessage::ScmRights(&req.fds)];
+        let mut fds: Vec<RawFd> = req.fds.to_vec();
+        fds.extend(req.sandbox.fds.iter().map(|f| f.as_raw_fd()));
+        let cmsg = [ControlMessage::ScmRights(&fds)];
         if let Err(e) = sendmsg::<()>(
             t.sock.as_raw_fd(),
             &iov,

@@ -34,6 +34,7 @@
 mod cgroup;
 mod child;
 mod error;
+mod fork_plan;
 mod fsview;
 mod kill;
 mod policy;
@@ -54,6 +55,7 @@ use serde::Serialize;
 
 pub use cgroup::LimitEvents;
 pub use error::SandboxError;
+pub use fork_plan::ForkPlan;
 pub use fsview::{DEVICE_PATHS, SYSTEM_READ_PATHS};
 pub use kill::KillReason;
 pub use policy::{
@@ -779,9 +781,39 @@ impl Prepared {
         Ok(())
     }
 
-    /// Call right after a successful spawn: records the pid and folds failures of best-effort
-    /// steps (reported by the child) into [`Prepared::layers`].
+    /// The child plan as data, for a worker forked from a warm template rather than spawned
+    /// (the pool's fork server): the forked child applies it with `capsule_worker.confine`,
+    /// step for step what [`Prepared::install`]'s hook does. Send [`ForkPlan::fds`] along.
+    /// Consumes the plan like [`Prepared::install`] (one or the other, once); the environment
+    /// to give the child is [`Prepared::env`]. After the fork: [`Prepared::join_cgroups`] with
+    /// the child's pid, then, once the worker has said hello (it applies the plan first),
+    /// [`Prepared::fold_reports`].
+    pub fn fork_plan(&mut self) -> Result<ForkPlan, SandboxError> {
+        let plan = self.plan.take().ok_or_else(|| SandboxError::Setup {
+            layer: "spawn",
+            reason: "the child plan was already used".into(),
+        })?;
+        Ok(fork_plan::serialise(plan))
+    }
+
+    /// Call right after a successful spawn: records the pid, joins the worker's cgroups and
+    /// folds failures of best-effort steps (reported by the child) into [`Prepared::layers`].
     pub fn after_spawn(&mut self, pid: u32) -> Result<(), SandboxError> {
+        self.join_cgroups(pid)?;
+        self.fold_reports()
+    }
+
+    /// Whether [`Prepared::join_cgroups`] has cgroups to join (a blocking write each: moving a
+    /// task between cgroup v1 hierarchies waits for an RCU grace period, several ms, so callers
+    /// on an async runtime run it on a blocking thread).
+    pub fn has_cgroups_to_join(&self) -> bool {
+        !self.cgroup_procs.is_empty()
+    }
+
+    /// Records the pid and moves the worker into its cgroups (memory, pids). Part of
+    /// [`Prepared::after_spawn`]; called alone for a forked worker, whose plan is still being
+    /// applied when its pid is known.
+    pub fn join_cgroups(&mut self, pid: u32) -> Result<(), SandboxError> {
         self.pid = Some(pid);
         // Join the worker's cgroups (memory, pids): writing its pid moves the whole process.
         let text = pid.to_string();
@@ -804,6 +836,13 @@ impl Prepared {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Reads the child's step-failure reports: a required step that failed is an error naming
+    /// the layer; a best-effort one marks its layer missing. Part of [`Prepared::after_spawn`];
+    /// for a forked worker call it once the worker said hello (it applies its plan first).
+    pub fn fold_reports(&mut self) -> Result<(), SandboxError> {
         if let Some(rx) = &self.report_rx {
             for f in child::read_reports(rx) {
                 let name = f.step.layer();
@@ -830,18 +869,23 @@ impl Prepared {
 
     /// Turn a spawn error into a typed error naming the layer that failed in the child.
     pub fn explain_spawn_error(&self, err: &io::Error) -> SandboxError {
-        if let Some(rx) = &self.report_rx {
-            if let Some(f) = child::read_reports(rx).into_iter().find(|f| f.fatal) {
-                return SandboxError::ChildSetup {
-                    layer: f.step.layer(),
-                    source: io::Error::from_raw_os_error(f.errno),
-                };
-            }
-        }
-        SandboxError::Setup {
+        self.fatal_report().unwrap_or_else(|| SandboxError::Setup {
             layer: "spawn",
             reason: err.to_string(),
-        }
+        })
+    }
+
+    /// The first required step the child reported failed, as a typed error (`None`: none
+    /// reported). For a forked worker that died before its hello.
+    pub fn fatal_report(&self) -> Option<SandboxError> {
+        let rx = self.report_rx.as_ref()?;
+        child::read_reports(rx)
+            .into_iter()
+            .find(|f| f.fatal)
+            .map(|f| SandboxError::ChildSetup {
+                layer: f.step.layer(),
+                source: io::Error::from_raw_os_error(f.errno),
+            })
     }
 
     /// OOM-kill and pids-limit counters of the worker's cgroup (zero without a cgroup).

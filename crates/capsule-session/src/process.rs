@@ -47,6 +47,10 @@ pub struct LaunchRequest<'a> {
     pub scratch: &'a Path,
     /// The worker's complete environment.
     pub env: &'a [(String, String)],
+    /// The worker's sandbox plan: the launcher must have the child apply it
+    /// (`capsule_worker.confine`) before anything else, and pass [`capsule_sandbox::ForkPlan::fds`]
+    /// along. The session joins the worker's cgroups by pid and reads the plan's reports.
+    pub sandbox: &'a capsule_sandbox::ForkPlan,
 }
 
 /// A worker a [`Launcher`] started.
@@ -59,9 +63,9 @@ pub struct Launched {
 
 /// Starts worker processes some other way than a fresh spawn (the fork-server seam, used by
 /// `capsule-pool`). The worker must run the normal worker `main` on the given descriptors and
-/// say hello on fd 4 exactly as a spawned one. Used only when the session's sandbox policy is
-/// unconfined (per-session sandbox layers are applied by the spawn path only); on any launch
-/// error the session falls back to a plain spawn.
+/// say hello on fd 4 exactly as a spawned one, after applying [`LaunchRequest::sandbox`], so it
+/// runs under the same per-session layers as a spawned worker. On any launch error the session
+/// falls back to a plain spawn.
 pub trait Launcher: Send + Sync + std::fmt::Debug {
     /// A stable name for logs and metrics (e.g. `fork`).
     fn name(&self) -> &'static str;
@@ -286,7 +290,11 @@ pub(crate) async fn spawn_worker(
     };
     let mut sandbox = capsule_sandbox::prepare(&config.sandbox, &spec)?;
     let mut launched = None;
-    if let Some(launcher) = launcher.filter(|_| config.sandbox.is_unconfined()) {
+    if let Some(launcher) = launcher {
+        // The forked child applies this same plan itself (capsule_worker.confine), so a forked
+        // worker gets exactly the layers a spawned one would.
+        let plan = sandbox.fork_plan()?;
+        let env = sandbox.env();
         let req = LaunchRequest {
             session_id,
             fds: [
@@ -300,12 +308,17 @@ pub(crate) async fn spawn_worker(
                 err_w.as_raw_fd(),
             ],
             scratch,
-            env: &spec.extra_env,
+            env: &env,
+            sandbox: &plan,
         };
         match launcher.launch(req).await {
             Ok(l) => launched = Some((l.pid, l.exit, launcher.name())),
             Err(e) => {
                 tracing::warn!(session = %session_id, launcher = launcher.name(), error = %e, "launcher failed; falling back to a plain spawn");
+                // The plan went (or may have gone) to the template: prepare afresh for the spawn.
+                drop(plan);
+                drop(sandbox);
+                sandbox = capsule_sandbox::prepare(&config.sandbox, &spec)?;
             }
         }
     }
@@ -367,7 +380,8 @@ pub(crate) async fn spawn_worker(
             };
             drop(child_ends);
             let pid = child.id().unwrap_or(0);
-            if let Err(e) = sandbox.after_spawn(pid) {
+            // Best-effort step failures: the hook ran to completion before `spawn` returned.
+            if let Err(e) = sandbox.fold_reports() {
                 kill_group(pid);
                 let _ = child.wait().await;
                 return Err(e.into());
@@ -378,6 +392,22 @@ pub(crate) async fn spawn_worker(
                 "spawn",
             )
         }
+    };
+    let forked = launched_by != "spawn";
+
+    // Move the worker into its cgroups. A blocking write that can take several ms (cgroup v1),
+    // so it runs on a blocking thread while the worker starts and says hello. No cell reaches
+    // the worker before the join: the hello_ack (after which the host sends commands) waits
+    // for it.
+    let join = if sandbox.has_cgroups_to_join() {
+        let mut sb = sandbox;
+        Err(tokio::task::spawn_blocking(move || {
+            let r = sb.join_cgroups(pid);
+            (sb, r)
+        }))
+    } else {
+        sandbox.join_cgroups(pid)?;
+        Ok(sandbox)
     };
 
     let log_tail = LogTail::default();
@@ -398,11 +428,45 @@ pub(crate) async fn spawn_worker(
                 config.start_timeout.as_millis()
             ))
         });
-    let hello = match hello {
-        Ok(h) => h,
-        Err(reason) => {
+    let (mut sandbox, joined) = match join {
+        Ok(sb) => (sb, Ok(())),
+        Err(task) => match task.await {
+            Ok(pair) => pair,
+            Err(e) => {
+                kill_group(pid);
+                let _ = exit.await;
+                return Err(SessionError::Handshake {
+                    reason: format!("joining the worker's cgroup: {e}"),
+                });
+            }
+        },
+    };
+    if let Err(e) = joined {
+        kill_group(pid);
+        let _ = exit.await;
+        return Err(e.into());
+    }
+    // A forked worker applies its sandbox plan before it says hello: by now its reports are in.
+    let confined = if forked {
+        sandbox.fold_reports()
+    } else {
+        Ok(())
+    };
+    let hello = match (hello, confined) {
+        (Ok(h), Ok(())) => h,
+        (_, Err(e)) => {
+            kill_group(pid);
+            let _ = exit.await;
+            return Err(e.into());
+        }
+        (Err(reason), Ok(())) => {
             kill_group(pid);
             let status = exit.await;
+            if forked {
+                if let Some(e) = sandbox.fatal_report() {
+                    return Err(e.into());
+                }
+            }
             // The log pipe reaches EOF once the (dead) worker's descriptors are gone.
             let _ = tokio::time::timeout(Duration::from_secs(2), log_task).await;
             // Interpreter start-up errors go to fd 2, the stderr capture pipe.

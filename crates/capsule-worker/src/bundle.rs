@@ -32,6 +32,10 @@ pub const BUNDLE_FILES: &[(&str, &str)] = &[
         "capsule_worker/template.py",
         include_str!("../python/capsule_worker/template.py"),
     ),
+    (
+        "capsule_worker/confine.py",
+        include_str!("../python/capsule_worker/confine.py"),
+    ),
 ];
 
 const COMPLETE_MARKER: &str = ".complete";

@@ -124,3 +124,45 @@ async fn a_template_with_threads_is_not_forked_and_sessions_are_spawned() {
     drop(s);
     pool.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_is_retired_when_the_environment_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let module = dir.path().join("capsule_stamped_mod.py");
+    std::fs::write(&module, "V = 1\n").expect("write module");
+    let mut c = fork_config();
+    c.min_idle = 1;
+    c.max_sessions = 3;
+    c.session.sys_path = vec![dir.path().to_path_buf()];
+    c.warm_imports = vec!["capsule_stamped_mod".into()];
+    let pool = start(c).await;
+    let info = guard("ready", pool.wait_ready()).await.expect("ready");
+    assert_eq!(info.fork.templates_started, 1);
+    let old_template = info.fork.template_pid.expect("template pid");
+    // "Install a new version": replace the module and move the directory's mtime (set
+    // explicitly, so the test does not depend on the file system's timestamp granularity).
+    let staged = dir.path().join("staged.tmp");
+    std::fs::write(&staged, "V = 2  # a new release\n").expect("write");
+    std::fs::rename(&staged, &module).expect("rename");
+    std::fs::File::open(dir.path())
+        .and_then(|d| {
+            d.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1))
+        })
+        .expect("set the directory's mtime");
+    // The idle session was forked before the change and keeps what it imported.
+    let before = pool.acquire(ACQUIRE).await.expect("acquire");
+    assert_eq!(ok(&before, "import capsule_stamped_mod as m; m.V").await, "1");
+    // Its replacement comes from a new template that imported the new version.
+    let info = wait(&pool, "a fresh template and an idle session", |i| {
+        i.fork.templates_stale == 1 && i.idle == 1
+    })
+    .await;
+    assert_eq!(info.fork.templates_started, 2, "{:?}", info.fork);
+    assert_ne!(info.fork.template_pid, Some(old_template));
+    await_exit(old_template).await;
+    let after = pool.acquire(ACQUIRE).await.expect("acquire");
+    assert_eq!(ok(&after, "import capsule_stamped_mod as m; m.V").await, "2");
+    assert_eq!(ok(&before, "m.V").await, "1");
+    drop((before, after));
+    pool.stop().await;
+}

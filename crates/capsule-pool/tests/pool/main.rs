@@ -6,6 +6,7 @@ mod support;
 
 mod acceptance;
 mod breaker;
+mod confined;
 mod fork;
 mod hygiene;
 mod lifecycle;

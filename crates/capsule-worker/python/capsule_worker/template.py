@@ -7,9 +7,15 @@ the worker runtime, what a first cell needs and the warm modules once, then serv
 a time on
 ``SOCK_FD`` (a ``SOCK_SEQPACKET`` Unix socket; the host's reader task is its only reader):
 
-* host -> template: ``{"id": N, "scratch": PATH, "env": [[K, V], ...]}`` with 8 descriptors
-  (SCM_RIGHTS): data (->3), events (->4), control (->5), stdout-capture read (->6),
-  stderr-capture read (->7), log (->8), stdout-capture write (->1), stderr-capture write (->2).
+* host -> template: ``{"id": N, "scratch": PATH, "env": [[K, V], ...], "confine": PLAN}``
+  with 8 descriptors (SCM_RIGHTS): data (->3), events (->4), control (->5), stdout-capture read
+  (->6), stderr-capture read (->7), log (->8), stdout-capture write (->1), stderr-capture write
+  (->2), then the descriptors the sandbox plan refers to (``PLAN["fds"]`` of them: its report
+  pipe and Landlock ruleset). ``PLAN`` is ``capsule_sandbox::ForkPlan`` (``confine.py``): the
+  child applies it before anything else, so a forked worker gets the same per-session layers as
+  a spawned one (its own namespaces, Landlock domain, seccomp filter, rlimits, identity; the
+  host moves it into its own cgroup by pid). A required layer that fails ends the child with
+  status 71 before it says hello.
 * template -> host: ``{"id": N, "pid": P}`` or ``{"id": N, "error": MSG}`` per request, and
   ``{"exit": P, "status": RAW_WAIT_STATUS}`` when a forked worker ends (the worker is the
   template's child, so the template reaps it and reports the real status).
@@ -50,13 +56,38 @@ def _child(sock, wake, fds, req):
         import fcntl
         targets = (3, 4, 5, 6, 7, 8, 1, 2)
         # Move every received descriptor to >= 10 first so no dup2 clobbers another.
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds]
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds]
         for fd in fds:
             if fd not in targets:
                 os.close(fd)
         for src, dst in zip(high, targets):
             os.dup2(src, dst, inheritable=True)
-        for fd in high:
+        for fd in high[:len(targets)]:
+            os.close(fd)
+        extra = high[len(targets):]
+        # Nothing the template holds open (a warm import's file, say) reaches the worker: each
+        # such descriptor is pointed at /dev/null rather than closed, so its number cannot be
+        # reused while a template object that still owns it lives (its finaliser would close
+        # the new file).
+        keep = set(range(9)) | set(extra)
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        keep.add(null)
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd not in keep:
+                try:
+                    os.dup2(null, fd, inheritable=False)
+                except OSError:
+                    pass  # the listdir's own descriptor, closed by now
+        os.close(null)
+        plan = req.get("confine")
+        if plan:
+            from capsule_worker import confine
+            try:
+                confine.apply(plan, extra)
+            except confine.Fatal:
+                os._exit(71)
+        for fd in extra:
             os.close(fd)
         os.chdir(req["scratch"])
         os.environ.clear()
@@ -93,11 +124,18 @@ def template_main():
     # What every worker and its first cell need, loaded once here and shared copy-on-write by
     # the children (the worker re-runs `site.main()` after its handshake; it is cheap then).
     from capsule_worker import runtime  # noqa: F401
-    for name in ("select", "fcntl", "linecache", "_ast", "traceback", "site"):
+    for name in ("select", "fcntl", "linecache", "_ast", "traceback", "site", "resource",
+                 "ctypes", "struct"):
         try:
             __import__(name)
         except ImportError:
             pass
+    # The sandbox plan's applier and its libc handle, shared by every child.
+    from capsule_worker import confine
+    try:
+        confine.libc()
+    except OSError:
+        pass
     failed = []
     for name in config.get("warm", []):
         try:
@@ -134,10 +172,11 @@ def template_main():
             import json
             req = json.loads(msg)
             n = _threads()
-            if len(fds) != 8 or n != 1:
+            want = 8 + (req.get("confine_fds") or 0)
+            if len(fds) != want or n != 1:
                 for fd in fds:
                     os.close(fd)
-                why = "got %d descriptors" % len(fds) if len(fds) != 8 else (
+                why = "got %d descriptors, expected %d" % (len(fds), want) if len(fds) != want else (
                     "template has %d threads; forking it is unsafe" % n)
                 _send(sock, {"id": req.get("id"), "error": why})
                 continue

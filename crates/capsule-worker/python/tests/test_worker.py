@@ -452,3 +452,90 @@ class Faults(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def _plan(**kw):
+    """A sandbox fork plan as `capsule_sandbox::ForkPlan` serialises it (Linux constants)."""
+    plan = {
+        "version": 1,
+        "steps": [["rlimits", 2], ["drop_uid", 3], ["unshare", 4], ["id_maps", 5],
+                  ["shm_tmpfs", 6], ["nproc", 7], ["no_new_privs", 8], ["landlock", 9],
+                  ["seccomp", 10]],
+        "required": 0, "report": None, "rlimits": [], "clear_groups": False, "drop_to": None,
+        "unshare": 0, "id_maps": None, "shm": None, "nproc": None, "no_new_privs": False,
+        "landlock": None, "seccomp": [],
+        "sys": {"landlock_add_rule": 445, "landlock_restrict_self": 446, "seccomp": 317},
+        "consts": {"clone_newuser": 0x10000000, "clone_newns": 0x20000,
+                   "rlim_infinity": 2 ** 64 - 1, "pr_set_dumpable": 4,
+                   "pr_set_no_new_privs": 38, "seccomp_set_mode_filter": 1,
+                   "o_path": 0o10000000, "o_directory": 0o200000, "o_cloexec": 0o2000000},
+    }
+    plan.update(kw)
+    return plan
+
+
+class Confine(unittest.TestCase):
+    """`confine.apply` (the sandbox plan of a forked worker), run in forked children."""
+
+    def in_child(self, plan, check):
+        """Fork; the child applies `plan` with a report pipe as descriptor 0 and exits with
+        `check()`'s truth (or 71 on a fatal step). Returns (exit code, report records)."""
+        import struct
+        from capsule_worker import confine
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                try:
+                    confine.apply(plan, [w])
+                except confine.Fatal:
+                    code = 71
+                else:
+                    code = 0 if check() else 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        data = b""
+        while True:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            data += chunk
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        records = [struct.unpack("=BBxxi", data[i:i + 8]) for i in range(0, len(data), 8)]
+        return os.waitstatus_to_exitcode(status), records
+
+    def test_unknown_plan_version_is_refused(self):
+        from capsule_worker import confine
+        with self.assertRaises(ValueError):
+            confine.apply(_plan(version=99), [])
+
+    def test_rlimits_and_no_new_privs_are_applied(self):
+        import resource
+
+        def check():
+            with open("/proc/self/status") as f:
+                nnp = [line.split()[1] for line in f if line.startswith("NoNewPrivs")]
+            return resource.getrlimit(resource.RLIMIT_CORE) == (0, 0) and nnp == ["1"]
+        plan = _plan(report=0, rlimits=[[resource.RLIMIT_CORE, 0, 0]], no_new_privs=True,
+                     required=(1 << 2) | (1 << 8))
+        code, records = self.in_child(plan, check)
+        self.assertEqual((code, records), (0, []))
+
+    def test_a_failed_required_step_is_reported_and_fatal(self):
+        import errno
+        # unshare(2) with a flag it does not know fails with EINVAL, privileged or not.
+        plan = _plan(report=0, unshare=0x1, required=1 << 4)
+        code, records = self.in_child(plan, lambda: True)
+        self.assertEqual(code, 71)
+        self.assertEqual(records, [(4, 1, errno.EINVAL)])
+
+    def test_a_failed_best_effort_step_is_reported_and_not_fatal(self):
+        import errno
+        plan = _plan(report=0, unshare=0x1)
+        code, records = self.in_child(plan, lambda: True)
+        self.assertEqual(code, 0)
+        self.assertEqual(records, [(4, 0, errno.EINVAL)])
