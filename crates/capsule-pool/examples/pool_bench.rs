@@ -3,8 +3,8 @@
 //!
 //! * plain spawn: `Session::start` → ready (the floor a pool hides), under the default
 //!   sandbox policy and under `none`;
-//! * fork server: `Session::start_with(.., ForkServer)` → ready (policy `none`, which the fork
-//!   server needs today), and the same session's first cell;
+//! * fork server vs plain spawn, interleaved, under the default policy and under `none`:
+//!   `Session::start_with(.., ForkServer)` → ready, and the same session's first cell;
 //! * pool creation: start + warm-up cell, as recorded by the pool's histogram;
 //! * pool start with `min_idle = 4` until 4 sessions are ready;
 //! * warm acquire (idle hit), measured around `acquire()` by the caller.
@@ -33,6 +33,59 @@ fn line(name: &str, samples: &mut [Duration]) {
     );
 }
 
+/// Plain spawn vs fork server, both under `cfg`'s policy, interleaved.
+async fn spawn_vs_fork(
+    policy: &str,
+    cfg: &SessionConfig,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let fork = ForkServer::new(cfg, &[]).map_err(|e| e.to_string())?;
+    let launcher: Arc<dyn Launcher> = fork.clone();
+    // Start the template outside the measurement.
+    Session::start_with(cfg.clone(), Some(launcher.clone()))
+        .await?
+        .shutdown()
+        .await?;
+    let (mut spawned, mut forked, mut spawn_first, mut fork_first) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut spawn_hs, mut fork_hs) = (Vec::new(), Vec::new());
+    for _ in 0..40 {
+        let t = Instant::now();
+        let s = Session::start(cfg.clone()).await?;
+        spawned.push(t.elapsed());
+        spawn_hs.extend(s.info().await?.start_latency);
+        s.run("x = 1").await?;
+        spawn_first.push(t.elapsed());
+        s.shutdown().await?;
+        let t = Instant::now();
+        let s = Session::start_with(cfg.clone(), Some(launcher.clone())).await?;
+        forked.push(t.elapsed());
+        fork_hs.extend(s.info().await?.start_latency);
+        s.run("x = 1").await?;
+        fork_first.push(t.elapsed());
+        s.shutdown().await?;
+    }
+    line(
+        &format!("plain spawn (policy {policy}) -> ready"),
+        &mut spawned,
+    );
+    line(
+        &format!("fork server (policy {policy}) -> ready"),
+        &mut forked,
+    );
+    line("  of which launch -> hello_ack (spawn)", &mut spawn_hs);
+    line("  of which launch -> hello_ack (fork)", &mut fork_hs);
+    line(
+        &format!("plain spawn (policy {policy}) -> 1st cell"),
+        &mut spawn_first,
+    );
+    line(
+        &format!("fork server (policy {policy}) -> 1st cell"),
+        &mut fork_first,
+    );
+    println!("fork server ({policy}): {:?}", fork.info());
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rounds: usize = std::env::args()
@@ -52,47 +105,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     line("plain spawn (default policy) -> ready", &mut plain);
 
-    // Plain spawn vs fork server, both unconfined, interleaved in the same run.
+    // Plain spawn vs fork server under the same policy, interleaved in the same run.
     let mut none = session.clone();
     none.sandbox = capsule_session::config::load_policy("none")?;
-    let fork = ForkServer::new(&none, &[]).map_err(|e| e.to_string())?;
-    let launcher: Arc<dyn Launcher> = fork.clone();
-    // Start the template outside the measurement.
-    Session::start_with(none.clone(), Some(launcher.clone()))
-        .await?
-        .shutdown()
-        .await?;
-    let (mut spawn_none, mut forked, mut spawn_first, mut fork_first) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut spawn_hs, mut fork_hs) = (Vec::new(), Vec::new());
-    for _ in 0..40 {
-        let t = Instant::now();
-        let s = Session::start(none.clone()).await?;
-        spawn_none.push(t.elapsed());
-        spawn_hs.extend(s.info().await?.start_latency);
-        s.run("x = 1").await?;
-        spawn_first.push(t.elapsed());
-        s.shutdown().await?;
-        let t = Instant::now();
-        let s = Session::start_with(none.clone(), Some(launcher.clone())).await?;
-        forked.push(t.elapsed());
-        fork_hs.extend(s.info().await?.start_latency);
-        s.run("x = 1").await?;
-        fork_first.push(t.elapsed());
-        s.shutdown().await?;
+    for (policy, cfg) in [("default", session.clone()), ("none", none.clone())] {
+        spawn_vs_fork(policy, &cfg).await?;
     }
-    line("plain spawn (policy none) -> ready", &mut spawn_none);
-    line("fork server (policy none) -> ready", &mut forked);
-    line("  of which launch -> hello_ack (spawn)", &mut spawn_hs);
-    line("  of which launch -> hello_ack (fork)", &mut fork_hs);
-    line("plain spawn (policy none) -> 1st cell", &mut spawn_first);
-    line("fork server (policy none) -> 1st cell", &mut fork_first);
-    println!("fork server: {:?}", fork.info());
-
     // Pool start to min_idle = 4.
-    for (name, cfg) in [
-        ("pool start min_idle=4, spawn (default)", session.clone()),
-        ("pool start min_idle=4, fork (none)", none.clone()),
+    for (name, cfg, fork_server) in [
+        (
+            "pool start min_idle=4, spawn (default)",
+            session.clone(),
+            false,
+        ),
+        (
+            "pool start min_idle=4, fork (default)",
+            session.clone(),
+            true,
+        ),
     ] {
         let mut starts = Vec::new();
         for _ in 0..5 {
@@ -100,6 +130,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let pool = SessionPool::start(PoolConfig {
                 min_idle: 4,
                 max_sessions: 4,
+                fork_server,
                 session: cfg.clone(),
                 ..PoolConfig::default()
             })

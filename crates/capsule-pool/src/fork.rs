@@ -52,7 +52,8 @@ use tokio::sync::oneshot;
 
 use crate::liveness::Liveness;
 
-type LaunchReply = Result<(u32, oneshot::Receiver<i32>), String>;
+/// The forked pid, whether it was the spare, and where its exit status will arrive.
+type LaunchReply = Result<(u32, bool, oneshot::Receiver<i32>), String>;
 
 /// A fork server for one pool configuration. Implements [`Launcher`]; pass it to
 /// [`capsule_session::Session::start_with`].
@@ -78,7 +79,11 @@ pub struct ForkServer {
     templates_stale: AtomicU64,
     forks: AtomicU64,
     failures: AtomicU64,
+    spare_hits: AtomicU64,
     disabled: Mutex<Option<String>>,
+    /// Bumped whenever a template reports something (ready, a spare, a launch, an exit) or
+    /// goes away: what [`ForkServer::wait_until`] waits on.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// Counters of a fork server, as reported in [`crate::PoolInfo`].
@@ -99,6 +104,10 @@ pub struct ForkInfo {
     pub forks: u64,
     /// Launches that failed (the session fell back to a plain spawn).
     pub failures: u64,
+    /// Workers that were the template's pre-forked spare (the rest were forked on demand).
+    pub spare_hits: u64,
+    /// Pid of the template's current spare: a child forked ahead of the next request.
+    pub spare_pid: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -106,6 +115,8 @@ struct Template {
     pid: u32,
     /// The environment stamp when the template started.
     stamp: u64,
+    /// Pid of its current spare (0: none known).
+    spare: std::sync::atomic::AtomicU32,
     sock: OwnedFd,
     alive: AtomicBool,
     next_id: AtomicU64,
@@ -173,6 +184,8 @@ impl ForkServer {
             templates_stale: AtomicU64::new(0),
             forks: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            spare_hits: AtomicU64::new(0),
+            changed: tokio::sync::watch::Sender::new(0),
             disabled: Mutex::new(None),
         }))
     }
@@ -193,17 +206,21 @@ impl ForkServer {
     /// Counters and state.
     pub fn info(&self) -> ForkInfo {
         let disabled = lock(&self.disabled).clone();
+        // One lock of `current`, released before anything else is read.
+        let live = lock(&self.current)
+            .as_ref()
+            .filter(|t| t.alive.load(Ordering::Acquire))
+            .map(|t| (t.pid, t.spare.load(Ordering::Relaxed)));
         ForkInfo {
             enabled: disabled.is_none(),
             disabled_reason: disabled,
-            template_pid: lock(&self.current)
-                .as_ref()
-                .filter(|t| t.alive.load(Ordering::Acquire))
-                .map(|t| t.pid),
+            template_pid: live.map(|(pid, _)| pid),
             templates_started: self.templates_started.load(Ordering::Relaxed),
             templates_stale: self.templates_stale.load(Ordering::Relaxed),
             forks: self.forks.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
+            spare_hits: self.spare_hits.load(Ordering::Relaxed),
+            spare_pid: live.and_then(|(_, spare)| (spare != 0).then_some(spare)),
         }
     }
 
@@ -220,6 +237,21 @@ impl ForkServer {
         h.finish()
     }
 
+    /// Waits until `pred` holds for [`ForkServer::info`] (re-checked whenever a template
+    /// reports something or goes away).
+    pub async fn wait_until(&self, pred: impl Fn(&ForkInfo) -> bool) -> ForkInfo {
+        let mut rx = self.changed.subscribe();
+        loop {
+            let info = self.info();
+            if pred(&info) {
+                return info;
+            }
+            if rx.changed().await.is_err() {
+                return self.info();
+            }
+        }
+    }
+
     async fn template(&self) -> std::io::Result<Arc<Template>> {
         if let Some(reason) = lock(&self.disabled).clone() {
             return Err(other(reason));
@@ -233,7 +265,10 @@ impl ForkServer {
             .cloned();
         if let Some(t) = stale {
             self.templates_stale.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(template = t.pid, "the Python environment changed; retiring the fork-server template");
+            tracing::info!(
+                template = t.pid,
+                "the Python environment changed; retiring the fork-server template"
+            );
             t.retire();
         }
         if let Some(t) = lock(&self.current)
@@ -319,6 +354,7 @@ impl ForkServer {
         let t = Arc::new(Template {
             pid,
             stamp,
+            spare: std::sync::atomic::AtomicU32::new(0),
             sock: host,
             alive: AtomicBool::new(true),
             next_id: AtomicU64::new(1),
@@ -328,7 +364,12 @@ impl ForkServer {
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         let reader_sock = t.sock.try_clone()?;
-        tokio::spawn(reader(t.clone(), reader_sock, ready_tx));
+        tokio::spawn(reader(
+            t.clone(),
+            reader_sock,
+            ready_tx,
+            self.changed.clone(),
+        ));
         let ready = tokio::time::timeout(self.start_timeout, ready_rx)
             .await
             .map_err(|_| other("the fork-server template did not get ready in time"))?
@@ -380,8 +421,11 @@ impl ForkServer {
             .await
             .map_err(|_| other("the fork-server template did not answer"))?
             .map_err(|_| other("the fork-server template died"))?;
-        let (pid, exit_rx) = reply.map_err(other)?;
+        let (pid, from_spare, exit_rx) = reply.map_err(other)?;
         self.forks.fetch_add(1, Ordering::Relaxed);
+        if from_spare {
+            self.spare_hits.fetch_add(1, Ordering::Relaxed);
+        }
         lock(&self.forked).insert(pid);
         let exit: ExitFuture = Box::pin(async move {
             match exit_rx.await {
@@ -434,7 +478,12 @@ impl Launcher for ForkServer {
 }
 
 /// The single reader of a template's socket.
-async fn reader(t: Arc<Template>, sock: OwnedFd, ready: oneshot::Sender<serde_json::Value>) {
+async fn reader(
+    t: Arc<Template>,
+    sock: OwnedFd,
+    ready: oneshot::Sender<serde_json::Value>,
+    changed: tokio::sync::watch::Sender<u64>,
+) {
     let mut ready = Some(ready);
     // SAFETY: `sock` is an OwnedFd moved into the AsyncFd and stays open until it is dropped.
     let afd = match unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) } {
@@ -485,6 +534,9 @@ async fn reader(t: Arc<Template>, sock: OwnedFd, ready: oneshot::Sender<serde_js
             if let Some(tx) = lock(&t.exits).remove(&(pid as u32)) {
                 let _ = tx.send(status);
             }
+        } else if let (None, Some(pid)) = (msg.get("id"), msg.get("spare").and_then(|p| p.as_u64()))
+        {
+            t.spare.store(pid as u32, Ordering::Relaxed);
         } else if let Some(id) = msg.get("id").and_then(|i| i.as_u64()) {
             let Some(tx) = lock(&t.pending).remove(&id) else {
                 continue;
@@ -496,7 +548,14 @@ async fn reader(t: Arc<Template>, sock: OwnedFd, ready: oneshot::Sender<serde_js
                     // template can only send after this reply) always finds its slot.
                     let (etx, erx) = oneshot::channel();
                     lock(&t.exits).insert(pid, etx);
-                    Ok((pid, erx))
+                    let from_spare = msg.get("spare").and_then(|s| s.as_bool()) == Some(true);
+                    if from_spare {
+                        // Used: until the template reports its successor, there is none.
+                        let _ =
+                            t.spare
+                                .compare_exchange(pid, 0, Ordering::Relaxed, Ordering::Relaxed);
+                    }
+                    Ok((pid, from_spare, erx))
                 }
                 None => Err(msg
                     .get("error")
@@ -506,9 +565,11 @@ async fn reader(t: Arc<Template>, sock: OwnedFd, ready: oneshot::Sender<serde_js
             };
             let _ = tx.send(reply);
         }
+        changed.send_modify(|n| *n += 1);
     }
     t.alive.store(false, Ordering::Release);
     lock(&t.pending).clear();
     lock(&t.exits).clear();
+    changed.send_modify(|n| *n += 1);
     tracing::info!(template = t.pid, "fork-server template gone");
 }

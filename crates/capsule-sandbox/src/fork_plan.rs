@@ -62,7 +62,7 @@ struct IdMapsWire {
 struct ShmWire {
     target: String,
     data: String,
-    flags: u64,
+    flags: libc::c_ulong,
     /// Landlock access bits to grant beneath the new tmpfs (None: no rule).
     rule: Option<u64>,
 }
@@ -150,7 +150,7 @@ pub(crate) fn serialise(mut plan: ChildPlan) -> ForkPlan {
         shm: plan.shm_tmpfs.as_ref().map(|t| ShmWire {
             target: text(&t.target),
             data: text(&t.data),
-            flags: (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) as u64,
+            flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
             rule: plan.shm_rule.as_ref().map(|r| r.access),
         }),
         nproc: plan.nproc.as_ref().map(rl),

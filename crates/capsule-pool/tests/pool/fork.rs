@@ -151,7 +151,10 @@ async fn a_template_is_retired_when_the_environment_changes() {
         .expect("set the directory's mtime");
     // The idle session was forked before the change and keeps what it imported.
     let before = pool.acquire(ACQUIRE).await.expect("acquire");
-    assert_eq!(ok(&before, "import capsule_stamped_mod as m; m.V").await, "1");
+    assert_eq!(
+        ok(&before, "import capsule_stamped_mod as m; m.V").await,
+        "1"
+    );
     // Its replacement comes from a new template that imported the new version.
     let info = wait(&pool, "a fresh template and an idle session", |i| {
         i.fork.templates_stale == 1 && i.idle == 1
@@ -161,8 +164,84 @@ async fn a_template_is_retired_when_the_environment_changes() {
     assert_ne!(info.fork.template_pid, Some(old_template));
     await_exit(old_template).await;
     let after = pool.acquire(ACQUIRE).await.expect("acquire");
-    assert_eq!(ok(&after, "import capsule_stamped_mod as m; m.V").await, "2");
+    assert_eq!(
+        ok(&after, "import capsule_stamped_mod as m; m.V").await,
+        "2"
+    );
     assert_eq!(ok(&before, "m.V").await, "1");
     drop((before, after));
     pool.stop().await;
+}
+
+/// A session started through `fork` (a fork server used as the session's launcher).
+async fn forked_session(
+    cfg: &capsule_session::SessionConfig,
+    fork: &std::sync::Arc<capsule_pool::ForkServer>,
+) -> capsule_session::Session {
+    let launcher: std::sync::Arc<dyn capsule_session::Launcher> = fork.clone();
+    guard(
+        "a forked session",
+        capsule_session::Session::start_with(cfg.clone(), Some(launcher)),
+    )
+    .await
+    .expect("session starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_come_from_the_spare_and_a_dead_spare_is_replaced() {
+    // Under the strict policy, so both ways a worker is made (the pre-forked spare and an
+    // on-demand fork) are shown to apply the sandbox plan.
+    let mut cfg = crate::support::session_config();
+    cfg.sandbox = capsule_session::config::load_policy("strict").expect("strict preset");
+    let fork = capsule_pool::ForkServer::new(&cfg, &[]).expect("fork server");
+    let confined = |s: &capsule_session::SessionInfo| {
+        s.sandbox
+            .iter()
+            .filter(|l| ["seccomp", "landlock", "user_ns", "net_ns"].contains(&l.name.as_str()))
+            .all(|l| l.state == "active")
+    };
+
+    let first = forked_session(&cfg, &fork).await;
+    let info = guard("a spare", fork.wait_until(|i| i.spare_pid.is_some())).await;
+    let spare = info.spare_pid.expect("spare pid");
+    // The next worker is that spare.
+    let second = forked_session(&cfg, &fork).await;
+    let si = second.info().await.expect("info");
+    assert_eq!(si.pid, Some(spare));
+    assert!(confined(&si), "{:?}", si.sandbox);
+    assert_eq!(fork.info().spare_hits, 1 + info.spare_hits);
+    assert_eq!(ok(&second, "6 * 7").await, "42");
+
+    // Kill the (next) spare: the following launch forks on demand, then a new spare appears.
+    let info = guard(
+        "a new spare",
+        fork.wait_until(|i| i.spare_pid.is_some_and(|p| p != spare)),
+    )
+    .await;
+    let doomed = info.spare_pid.expect("spare pid");
+    // SAFETY: kill(2) on the spare of this test's own fork server.
+    unsafe {
+        libc::kill(doomed as libc::pid_t, libc::SIGKILL);
+    }
+    await_exit(doomed).await;
+    let third = forked_session(&cfg, &fork).await;
+    let ti = third.info().await.expect("info");
+    assert_ne!(ti.pid, Some(doomed));
+    assert!(confined(&ti), "{:?}", ti.sandbox);
+    assert_eq!(ok(&third, "6 * 7").await, "42");
+    let info = guard(
+        "a spare after the dead one",
+        fork.wait_until(|i| {
+            i.spare_pid
+                .is_some_and(|p| p != doomed && Some(p) != ti.pid)
+        }),
+    )
+    .await;
+    assert_eq!(info.failures, 0, "{info:?}");
+    assert_eq!(info.forks, 3, "{info:?}");
+    assert_eq!(info.templates_started, 1, "{info:?}");
+    for s in [first, second, third] {
+        s.shutdown().await.expect("shutdown");
+    }
+    fork.shutdown();
 }

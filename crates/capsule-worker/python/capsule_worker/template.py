@@ -16,9 +16,19 @@ a time on
   a spawned one (its own namespaces, Landlock domain, seccomp filter, rlimits, identity; the
   host moves it into its own cgroup by pid). A required layer that fails ends the child with
   status 71 before it says hello.
-* template -> host: ``{"id": N, "pid": P}`` or ``{"id": N, "error": MSG}`` per request, and
-  ``{"exit": P, "status": RAW_WAIT_STATUS}`` when a forked worker ends (the worker is the
-  template's child, so the template reaps it and reports the real status).
+* template -> host: ``{"id": N, "pid": P, "spare": BOOL}`` or ``{"id": N, "error": MSG}`` per
+  request, ``{"exit": P, "status": RAW_WAIT_STATUS}`` when a forked worker ends (the worker is
+  the template's child, so the template reaps it and reports the real status), and
+  ``{"spare": P}`` when it forked a new spare (see below).
+
+**Spare.** ``fork()`` of a warm interpreter and the child's first steps cost milliseconds, so
+they are done ahead of time: the template keeps one *spare*, a child forked in advance that has
+already dropped the template's descriptors and waits on a socket of its own. A request is
+forwarded to the spare (``SCM_RIGHTS`` again) and answered with the spare's pid at once; the
+next spare is forked once the used one has finished its own set-up (it closes its socket then),
+so the fork does not compete with that start for the CPU. Without a spare (the first request, or
+the spare died) the template forks on the spot. Only the template's socket reader (this loop)
+talks to the spare; a spare whose template dies sees EOF on its socket and exits.
 
 Forking is refused (``error``) unless the template has exactly one thread: modules that start
 threads at import make a template unsafe to fork; the host then falls back to a plain spawn.
@@ -43,16 +53,38 @@ def _send(sock, obj):
     sock.send(json.dumps(obj).encode())
 
 
-def _child(sock, wake, fds, req):
-    """In the forked child: become a worker on fds 1-8 and never return."""
+def _drop_template_fds(keep):
+    """Point every descriptor but ``keep`` at /dev/null.
+
+    Nothing the template holds open (a warm import's file, say) may reach a worker. Descriptors
+    are replaced rather than closed, so their numbers cannot be reused while a template object
+    that still owns one lives (its finaliser would close the new file)."""
+    keep = set(keep)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    keep.add(null)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.dup2(null, fd, inheritable=False)
+            except OSError:
+                pass  # the listdir's own descriptor, closed by now
+    os.close(null)
+
+
+def _become_child():
+    """First steps of any forked child: leave the template's signal set-up and session."""
+    import signal
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+
+
+def _worker(fds, req, started=None):
+    """In a forked child: become a worker on fds 1-8 and never return. ``started`` (a spare's
+    socket) is closed once the worker's own set-up is done, telling the template it may fork
+    the next spare without competing with this start for the CPU."""
     try:
-        import signal
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        os.setsid()
-        sock.close()
-        for fd in wake:
-            os.close(fd)
         import fcntl
         targets = (3, 4, 5, 6, 7, 8, 1, 2)
         # Move every received descriptor to >= 10 first so no dup2 clobbers another.
@@ -65,21 +97,6 @@ def _child(sock, wake, fds, req):
         for fd in high[:len(targets)]:
             os.close(fd)
         extra = high[len(targets):]
-        # Nothing the template holds open (a warm import's file, say) reaches the worker: each
-        # such descriptor is pointed at /dev/null rather than closed, so its number cannot be
-        # reused while a template object that still owns it lives (its finaliser would close
-        # the new file).
-        keep = set(range(9)) | set(extra)
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        keep.add(null)
-        for name in os.listdir("/proc/self/fd"):
-            fd = int(name)
-            if fd not in keep:
-                try:
-                    os.dup2(null, fd, inheritable=False)
-                except OSError:
-                    pass  # the listdir's own descriptor, closed by now
-        os.close(null)
         plan = req.get("confine")
         if plan:
             from capsule_worker import confine
@@ -95,6 +112,8 @@ def _child(sock, wake, fds, req):
             os.environ[k] = v
         sys.argv = ["-c", "3", "4", "5", "6", "7", "8"]
         from capsule_worker import runtime
+        if started is not None:
+            started.close()
         runtime.run()
         os._exit(0)
     except SystemExit as e:
@@ -104,6 +123,46 @@ def _child(sock, wake, fds, req):
             os.write(2, ("capsule template child: %r\n" % (e,)).encode())
         finally:
             os._exit(70)
+
+
+def _fork_now(fds, req):
+    """Fork a worker on the spot (no spare). Returns its pid in the template."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _become_child()
+            _drop_template_fds(set(range(3)) | set(fds))
+        except BaseException:  # noqa: BLE001 - never return into the template
+            os._exit(70)
+        _worker(fds, req)
+    return pid
+
+
+def _fork_spare(host):
+    """Fork a spare: a child that waits for its request on a socket of its own. Tells the
+    host its pid. Returns ``(pid, template_end)``."""
+    import socket
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _become_child()
+            # Out of the way of the worker descriptors (1-8) the request will bring.
+            import fcntl
+            high = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 64)
+            theirs.close()
+            theirs = socket.socket(fileno=high)
+            _drop_template_fds({0, 1, 2, high})
+            msg, fds, _flags, _addr = socket.recv_fds(theirs, 65536, 16)
+        except BaseException:  # noqa: BLE001 - never return into the template
+            os._exit(70)
+        if not msg:
+            os._exit(0)  # the template is gone (or retired this spare)
+        import json
+        _worker(fds, json.loads(msg), started=theirs)
+    theirs.close()
+    _send(host, {"spare": pid})
+    return pid, mine
 
 
 def template_main():
@@ -146,8 +205,19 @@ def template_main():
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     _send(sock, {"ready": os.getpid(), "threads": _threads(), "failed": failed})
+    spare = None  # (pid, socket) of the pre-forked child, if any
+    starting = None  # socket of the spare last handed a request, until it finished its set-up
+    if _threads() == 1:
+        spare = _fork_spare(sock)
     while True:
-        readable, _, _ = select.select([sock, wake_r], [], [])
+        watch = [sock, wake_r] if starting is None else [sock, wake_r, starting]
+        readable, _, _ = select.select(watch, [], [])
+        if starting is not None and starting in readable:
+            # EOF (or data, which never comes): the spare's own set-up is over.
+            starting.close()
+            starting = None
+            if spare is None and _threads() == 1:
+                spare = _fork_spare(sock)
         if wake_r in readable:
             try:
                 while os.read(wake_r, 4096):
@@ -161,6 +231,10 @@ def template_main():
                     break
                 if pid == 0:
                     break
+                if spare is not None and pid == spare[0]:
+                    spare[1].close()  # a spare died before it was used: never reported
+                    spare = None
+                    continue
                 _send(sock, {"exit": pid, "status": status})
         if sock in readable:
             try:
@@ -169,7 +243,6 @@ def template_main():
                 os._exit(0)
             if not msg:
                 os._exit(0)  # the host closed its end
-            import json
             req = json.loads(msg)
             n = _threads()
             want = 8 + (req.get("confine_fds") or 0)
@@ -180,9 +253,23 @@ def template_main():
                     "template has %d threads; forking it is unsafe" % n)
                 _send(sock, {"id": req.get("id"), "error": why})
                 continue
-            pid = os.fork()
-            if pid == 0:
-                _child(sock, (wake_r, wake_w), fds, req)
+            pid = spare_used = None
+            if spare is not None:
+                spare_pid, spare_sock = spare
+                spare = None
+                try:
+                    socket.send_fds(spare_sock, [msg], fds)
+                    pid = spare_used = spare_pid
+                except OSError:
+                    spare_sock.close()  # the spare died; its exit is reaped (not reported)
+                else:
+                    if starting is not None:
+                        starting.close()
+                    starting = spare_sock
+            if pid is None:
+                pid = _fork_now(fds, req)
             for fd in fds:
                 os.close(fd)
-            _send(sock, {"id": req.get("id"), "pid": pid})
+            _send(sock, {"id": req.get("id"), "pid": pid, "spare": starting is not None and pid == spare_used})
+            if spare is None and starting is None and _threads() == 1:
+                spare = _fork_spare(sock)
