@@ -198,11 +198,14 @@ fn main() -> Result<()> {
     // 3. Pool.
     let pool = rt.block_on(workloads::pool(&cfg, &sizes))?;
     log(format!(
-        "pool: warm acquire {} | fork server ready {} | spawn ready {} | pool start (4) {}",
+        "pool: warm acquire {} | fork ready {} vs spawn {} (none) | fork ready {} vs spawn {} (default policy) | pool start (4) fork {} vs spawn {}",
         pool.warm_acquire.line(),
         pool.fork_ready.line(),
         pool.spawn_ready.line(),
-        pool.pool_start_4.line()
+        pool.fork_ready_sandboxed.line(),
+        pool.spawn_ready_sandboxed.line(),
+        pool.pool_start_4.line(),
+        pool.pool_start_4_spawn.line()
     ));
 
     // 4. Output.

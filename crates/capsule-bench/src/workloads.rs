@@ -297,56 +297,87 @@ pub async fn cold(config: &SessionConfig, python: &Path, n: usize) -> Result<Col
 pub struct Pool {
     /// `acquire()` of an idle session, timed by the caller, µs.
     pub warm_acquire: Summary,
-    /// `Session::start` → ready through the fork server (policy `none`, which it needs), µs.
+    /// `Session::start` → ready through the fork server, policy `none`, µs.
     pub fork_ready: Summary,
     /// `Session::start` → ready by plain spawn, same policy, interleaved with `fork_ready`, µs.
     pub spawn_ready: Summary,
-    /// Pool start with `min_idle = 4` until 4 sessions are ready (default policy, spawn), µs.
-    pub pool_start_4: Summary,
     /// fork_ready median / spawn_ready median.
     pub ratio_fork_spawn: f64,
+    /// `Session::start` → ready through the fork server, default (sandboxed) policy, µs.
+    pub fork_ready_sandboxed: Summary,
+    /// Plain spawn, default policy, interleaved with `fork_ready_sandboxed`, µs.
+    pub spawn_ready_sandboxed: Summary,
+    /// fork_ready_sandboxed median / spawn_ready_sandboxed median.
+    pub ratio_fork_spawn_sandboxed: f64,
+    /// Pool start with `min_idle = 4` until 4 sessions are ready (default policy, fork
+    /// server, the default), µs.
+    pub pool_start_4: Summary,
+    /// The same with `fork_server = false` (every session spawned), µs.
+    pub pool_start_4_spawn: Summary,
 }
 
-/// Workload 3: warm acquire, fork server vs plain spawn, pool start to `min_idle = 4`.
-pub async fn pool(config: &SessionConfig, sizes: &Sizes) -> Result<Pool> {
-    use capsule_pool::{ForkServer, PoolConfig, SessionPool};
-    let quick = sizes.cold < 10;
-    let rounds = if quick { 3 } else { 30 };
-    // Fork server vs spawn, A/B interleaved, both unconfined.
-    let mut none = config.clone();
-    none.sandbox = capsule_session::config::load_policy("none")?;
-    let fork = ForkServer::new(&none, &[]).map_err(|e| anyhow::anyhow!("fork server: {e}"))?;
-    let launcher: std::sync::Arc<dyn capsule_session::Launcher> = fork;
-    Session::start_with(none.clone(), Some(launcher.clone()))
+/// Fork server vs plain spawn under `cfg`'s policy, A/B interleaved: (forked, spawned) µs.
+async fn fork_vs_spawn(cfg: &SessionConfig, rounds: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let fork =
+        capsule_pool::ForkServer::new(cfg, &[]).map_err(|e| anyhow::anyhow!("fork server: {e}"))?;
+    let launcher: std::sync::Arc<dyn capsule_session::Launcher> = fork.clone();
+    // The template (and its first spare) start outside the measurement.
+    Session::start_with(cfg.clone(), Some(launcher.clone()))
         .await?
         .shutdown()
         .await?;
     let (mut forked, mut spawned) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let t = Instant::now();
-        let s = Session::start(none.clone()).await?;
+        let s = Session::start(cfg.clone()).await?;
         spawned.push(us(t.elapsed()));
         s.shutdown().await?;
+        // As in a pool, where creations are spaced by use: the spare is back before the next.
+        fork.wait_until(|i| i.spare_pid.is_some()).await;
         let t = Instant::now();
-        let s = Session::start_with(none.clone(), Some(launcher.clone())).await?;
+        let s = Session::start_with(cfg.clone(), Some(launcher.clone())).await?;
         forked.push(us(t.elapsed()));
         run_ok(&s, "x=1").await?;
         s.shutdown().await?;
     }
-    // Pool start.
-    let mut starts = Vec::new();
+    let info = fork.info();
+    if info.failures > 0 {
+        anyhow::bail!(
+            "the fork server failed {} launches: {info:?}",
+            info.failures
+        );
+    }
+    fork.shutdown();
+    Ok((forked, spawned))
+}
+
+/// Workload 3: warm acquire, fork server vs plain spawn (unconfined and sandboxed), pool start
+/// to `min_idle = 4` by fork and by spawn.
+pub async fn pool(config: &SessionConfig, sizes: &Sizes) -> Result<Pool> {
+    use capsule_pool::{PoolConfig, SessionPool};
+    let quick = sizes.cold < 10;
+    let rounds = if quick { 3 } else { 30 };
+    let mut none = config.clone();
+    none.sandbox = capsule_session::config::load_policy("none")?;
+    let (forked, spawned) = fork_vs_spawn(&none, rounds).await?;
+    let (forked_sb, spawned_sb) = fork_vs_spawn(config, rounds).await?;
+    // Pool start, fork server (the default) and spawn, interleaved.
+    let (mut starts, mut starts_spawn) = (Vec::new(), Vec::new());
     for _ in 0..if quick { 1 } else { 3 } {
-        let t = Instant::now();
-        let pool = SessionPool::start(PoolConfig {
-            min_idle: 4,
-            max_sessions: 4,
-            session: config.clone(),
-            ..PoolConfig::default()
-        })
-        .await?;
-        pool.wait_ready().await?;
-        starts.push(us(t.elapsed()));
-        pool.stop().await;
+        for (fork_server, into) in [(true, &mut starts), (false, &mut starts_spawn)] {
+            let t = Instant::now();
+            let pool = SessionPool::start(PoolConfig {
+                min_idle: 4,
+                max_sessions: 4,
+                fork_server,
+                session: config.clone(),
+                ..PoolConfig::default()
+            })
+            .await?;
+            pool.wait_ready().await?;
+            into.push(us(t.elapsed()));
+            pool.stop().await;
+        }
     }
     // Warm acquire: take every idle session, give them back, wait until all are idle again.
     let n = 8;
@@ -373,12 +404,18 @@ pub async fn pool(config: &SessionConfig, sizes: &Sizes) -> Result<Pool> {
     pool.stop().await;
     let fork_ready = Summary::of(&forked, "us");
     let spawn_ready = Summary::of(&spawned, "us");
+    let fork_ready_sandboxed = Summary::of(&forked_sb, "us");
+    let spawn_ready_sandboxed = Summary::of(&spawned_sb, "us");
     Ok(Pool {
         ratio_fork_spawn: fork_ready.median / spawn_ready.median,
+        ratio_fork_spawn_sandboxed: fork_ready_sandboxed.median / spawn_ready_sandboxed.median,
         warm_acquire: Summary::of(&hits, "us"),
         fork_ready,
         spawn_ready,
+        fork_ready_sandboxed,
+        spawn_ready_sandboxed,
         pool_start_4: Summary::of(&starts, "us"),
+        pool_start_4_spawn: Summary::of(&starts_spawn, "us"),
     })
 }
 

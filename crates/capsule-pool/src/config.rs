@@ -82,8 +82,9 @@ pub struct PoolConfig {
     /// Env: `CAPSULE_POOL_HEALTH_MS`.
     pub health_interval: Duration,
     /// Create sessions by forking a warm template (the fork server) instead of spawning an
-    /// interpreter. Only effective under an unconfined sandbox policy (see `docs/operations.md`);
-    /// plain spawn is always the fallback. Env: `CAPSULE_POOL_FORK` (`0`/`1`).
+    /// interpreter; forked workers get the same sandbox layers as spawned ones (see
+    /// `docs/operations.md`). Plain spawn is always the fallback. Env: `CAPSULE_POOL_FORK`
+    /// (`0`/`1`).
     pub fork_server: bool,
     /// Configuration of every session.
     pub session: SessionConfig,

@@ -247,9 +247,10 @@ impl Session {
     }
 
     /// Like [`Session::start`], with a [`crate::Launcher`] that starts this session's workers
-    /// (its first and any respawned one) instead of a plain spawn, e.g. a fork server. A launch
-    /// error falls back to a plain spawn; the launcher is used only under an unconfined
-    /// sandbox policy.
+    /// (its first and any respawned one) instead of a plain spawn, e.g. a fork server. The
+    /// launcher gets the worker's sandbox plan and must have the child apply it, so launched
+    /// workers run under the same layers as spawned ones. A launch error falls back to a plain
+    /// spawn.
     pub async fn start_with(
         config: SessionConfig,
         launcher: Option<Arc<dyn crate::Launcher>>,
