@@ -1,6 +1,10 @@
-//! `capsule pool status [--json]`: starts a session pool with the effective configuration
-//! (flags > `CAPSULE_POOL_*` / `CAPSULE_*` environment > defaults), waits until `min_idle`
-//! sessions are warm, prints [`capsule_pool::PoolInfo`] and stops the pool.
+//! Session pools on the command line: `capsule pool status [--json]`.
+//!
+//! One place builds every [`PoolConfig`] the binary uses ([`build`]): precedence is flag >
+//! `CAPSULE_POOL_*` / `CAPSULE_*` environment > defaults, as everywhere else.
+//!
+//! `capsule pool status` starts a pool with the effective configuration, waits until
+//! `min_idle` sessions are warm, prints [`capsule_pool::PoolInfo`] and stops the pool.
 //!
 //! Glue only: the pool's logic lives in `capsule-pool`; this module converts its report to
 //! text or JSON at the edge.
@@ -9,10 +13,41 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use capsule_pool::{PoolConfig, SessionPool};
-use capsule_session::SessionConfig;
+use capsule_session::{ConfigError, SessionConfig};
 use clap::Subcommand;
 
 use crate::{code, Failure};
+
+/// Pool settings given as flags; each overrides its `CAPSULE_POOL_*` variable.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Overrides {
+    /// `min_idle` (`CAPSULE_POOL_MIN_IDLE`).
+    pub min_idle: Option<usize>,
+    /// `max_sessions` (`CAPSULE_POOL_MAX_SESSIONS`).
+    pub max_sessions: Option<usize>,
+    /// `warm_imports` (`CAPSULE_POOL_WARM_IMPORTS`).
+    pub warm_imports: Option<Vec<String>>,
+}
+
+/// `base` overlaid with the `CAPSULE_POOL_*` variables found through `env`, then with the flags.
+pub fn build(
+    base: PoolConfig,
+    flags: &Overrides,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<PoolConfig, ConfigError> {
+    let mut config = base.with_env(env)?;
+    if let Some(n) = flags.max_sessions {
+        config.max_sessions = n;
+    }
+    if let Some(n) = flags.min_idle {
+        config.min_idle = n;
+    }
+    if let Some(w) = &flags.warm_imports {
+        config.warm_imports = w.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
 
 /// `capsule pool ...` subcommands.
 #[derive(Debug, Subcommand)]
@@ -44,22 +79,16 @@ pub async fn run(session: SessionConfig, cmd: PoolCommand) -> Result<u8, Failure
         max_sessions,
         warm_imports,
     } = cmd;
-    let mut config = PoolConfig {
+    let flags = Overrides {
+        min_idle,
+        max_sessions,
+        warm_imports,
+    };
+    let base = PoolConfig {
         session,
         ..PoolConfig::default()
-    }
-    .with_env(|k| std::env::var(k).ok())
-    .map_err(Failure::usage)?;
-    if let Some(n) = max_sessions {
-        config.max_sessions = n;
-    }
-    if let Some(n) = min_idle {
-        config.min_idle = n;
-    }
-    if let Some(w) = warm_imports {
-        config.warm_imports = w;
-    }
-    config.validate().map_err(Failure::usage)?;
+    };
+    let config = build(base, &flags, |k| std::env::var(k).ok()).map_err(Failure::usage)?;
     let t0 = Instant::now();
     let pool = SessionPool::start(config).await.map_err(Failure::start)?;
     let ready = tokio::time::timeout(Duration::from_secs(120), pool.wait_ready()).await;
@@ -136,4 +165,36 @@ pub async fn run(session: SessionConfig, cmd: PoolCommand) -> Result<u8, Failure
         );
     }
     Ok(code::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn flags_override_the_environment() {
+        let flags = Overrides {
+            min_idle: Some(3),
+            ..Overrides::default()
+        };
+        let c = build(
+            PoolConfig::default(),
+            &flags,
+            env(&[
+                ("CAPSULE_POOL_MIN_IDLE", "2"),
+                ("CAPSULE_POOL_MAX_SESSIONS", "5"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!((c.min_idle, c.max_sessions), (3, 5));
+    }
 }
