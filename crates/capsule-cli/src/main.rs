@@ -10,8 +10,10 @@
 //! * [`exec`]: `capsule exec CODE` and `capsule run FILE` (one cell, streamed to the console).
 //! * [`stdio`]: `capsule stdio`, JSON lines per the client event model.
 //! * [`repl`]: `capsule repl`, an interactive Python-like prompt (rustyline).
+//! * [`front`]: the session of `stdio` and `repl`, taken from a session pool with warm spares
+//!   (`--pool-size`), so a crashed worker is replaced without a cold start.
 //! * [`doctor`]: `capsule doctor`, what this machine offers.
-//! * [`pool`]: `capsule pool status`, a session pool's report.
+//! * [`pool`]: every pool configuration of the binary, and `capsule pool status`.
 //!
 //! **Architecture invariant:** this crate is glue. It never talks to a worker except through
 //! `capsule-session`'s public API, and it is the only crate in the workspace allowed `anyhow`.
@@ -27,6 +29,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 mod doctor;
 mod exec;
+mod front;
 mod model;
 mod pool;
 mod repl;
@@ -108,9 +111,15 @@ enum Command {
         json: bool,
     },
     /// Interactive prompt with line editing, history and multi-line cells.
-    Repl,
+    Repl {
+        #[command(flatten)]
+        pool: FrontPoolArgs,
+    },
     /// JSON lines on stdin/stdout: the client event model v1 (docs/api.md).
-    Stdio,
+    Stdio {
+        #[command(flatten)]
+        pool: FrontPoolArgs,
+    },
     /// Session pool tools (`capsule pool status [--json]`).
     #[command(subcommand)]
     Pool(pool::PoolCommand),
@@ -120,6 +129,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The session pool behind `repl` and `stdio`.
+#[derive(Clone, Debug, Default, Args)]
+pub struct FrontPoolArgs {
+    /// Warm spare sessions kept beside the one in use, so a crashed worker is replaced without
+    /// a cold start (default 1, or CAPSULE_POOL_MIN_IDLE; 0: a crash restarts cold).
+    #[arg(long, value_name = "N")]
+    pub pool_size: Option<usize>,
+}
+
+impl FrontPoolArgs {
+    /// The pool configuration for `session` (flag > `CAPSULE_POOL_*` environment > defaults).
+    fn resolve(
+        &self,
+        session: capsule_session::SessionConfig,
+    ) -> Result<capsule_pool::PoolConfig, Failure> {
+        pool::front_door(session, self.pool_size, |k| std::env::var(k).ok()).map_err(Failure::usage)
+    }
 }
 
 fn init_logging(verbose: u8) {
@@ -233,12 +261,12 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let config = settings::resolve(&global)?;
             exec::run_cell(config, code, json).await
         }
-        Some(Command::Repl) => {
-            let config = settings::resolve(&global)?;
+        Some(Command::Repl { pool }) => {
+            let config = pool.resolve(settings::resolve(&global)?)?;
             repl::run(config).await
         }
-        Some(Command::Stdio) => {
-            let config = settings::resolve(&global)?;
+        Some(Command::Stdio { pool }) => {
+            let config = pool.resolve(settings::resolve(&global)?)?;
             stdio::run(config).await
         }
         Some(Command::Pool(cmd)) => {
@@ -251,7 +279,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         }
         None => {
             if std::io::stdin().is_terminal() {
-                let config = settings::resolve(&global)?;
+                let config = FrontPoolArgs::default().resolve(settings::resolve(&global)?)?;
                 repl::run(config).await
             } else {
                 let _ = Cli::command().print_help();

@@ -3,8 +3,10 @@
 //! Session types are not `Serialize` by design; this module is where they become JSON. Field
 //! names here are a public contract: fields may be added, never renamed or removed.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use capsule_pool::PoolInfo;
 use capsule_session::{Outcome, OutcomeStatus, SessionConfig, SessionInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -85,11 +87,21 @@ pub enum OutEvent {
         /// What went wrong.
         message: String,
     },
-    /// The worker was restarted; the namespace is fresh.
+    /// The namespace is fresh: after a `restart` command, or (without `id`) after an outcome
+    /// with `state_lost: true`, once the session that serves the next cells is ready.
     Restarted {
         /// The command's id, if it had one.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<ClientId>,
+        /// `restart` (the command) or `worker_lost` (the previous worker is gone; the outcome
+        /// before this event said why).
+        cause: &'static str,
+        /// The session now serving cells (a warm one from the pool, so it differs from the
+        /// previous one unless the pool could not supply one).
+        session: String,
+        /// Its worker pid.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
     },
     /// A checkpoint was written.
     Checkpoint {
@@ -357,6 +369,104 @@ pub struct InfoDto {
     pub sandbox: Vec<SandboxLayerDto>,
     /// Effective configuration.
     pub config: ConfigDto,
+    /// The session pool behind the front door (`capsule stdio`, `capsule repl`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolDto>,
+}
+
+/// The session pool behind a front door, as `info` reports it: a stable summary of
+/// [`capsule_pool::PoolInfo`] plus the front door's own replacement counts.
+#[derive(Debug, Serialize)]
+pub struct PoolDto {
+    /// Warm spare sessions kept beside the one in use (the pool's `min_idle`).
+    pub spares: usize,
+    /// Cap on sessions (in use + spares + being created or cleaned).
+    pub max_sessions: usize,
+    /// Spares ready now.
+    pub idle: usize,
+    /// Sessions handed out (the one in use).
+    pub active: usize,
+    /// Sessions being created.
+    pub creating: usize,
+    /// Sessions being cleaned or shut down after use.
+    pub returning: usize,
+    /// Sessions taken from the ready spares (no waiting).
+    pub hits: u64,
+    /// Sessions the front door had to wait for (a creation).
+    pub misses: u64,
+    /// Sessions created so far (the first, the spares, their replacements).
+    pub sessions_created: u64,
+    /// Sessions created by path (`spawn`, `fork`).
+    pub created_by_path: BTreeMap<String, u64>,
+    /// Failed creations.
+    pub creation_failures: u64,
+    /// Sessions that left the pool, by reason (`replaced`, `dead`, `stopped`, ...).
+    pub evictions: BTreeMap<String, u64>,
+    /// Whether sessions are forked from a warm template.
+    pub fork_enabled: bool,
+    /// Why not, when they are not.
+    pub fork_disabled_reason: Option<String>,
+    /// The creation circuit breaker: `closed`, `open` or `half_open`.
+    pub breaker: &'static str,
+    /// Modules imported into every session before it is handed out.
+    pub warm_imports: Vec<String>,
+    /// Times the front door moved to a fresh session, by cause (`worker_lost`, `restart`).
+    pub replacements: BTreeMap<&'static str, u64>,
+    /// The pool's live sessions.
+    pub sessions: Vec<PoolSessionDto>,
+}
+
+/// One session of the pool in `info`.
+#[derive(Debug, Serialize)]
+pub struct PoolSessionDto {
+    /// Session id.
+    pub session: String,
+    /// Worker pid.
+    pub pid: Option<u32>,
+    /// `idle` (a spare), `active` (in use) or `returning` (being shut down or cleaned).
+    pub state: &'static str,
+}
+
+impl PoolDto {
+    /// The summary of `info`, with the front door's replacement counts.
+    pub fn new(info: &PoolInfo, replacements: BTreeMap<&'static str, u64>) -> Self {
+        PoolDto {
+            spares: info.config.min_idle,
+            max_sessions: info.config.max_sessions,
+            idle: info.idle,
+            active: info.active,
+            creating: info.creating,
+            returning: info.returning,
+            hits: info.hits,
+            misses: info.misses,
+            sessions_created: info.sessions_created,
+            created_by_path: info
+                .created_by_path
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            creation_failures: info.creation_failures,
+            evictions: info
+                .evictions
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            fork_enabled: info.fork.enabled,
+            fork_disabled_reason: info.fork.disabled_reason.clone(),
+            breaker: info.breaker.state.as_str(),
+            warm_imports: info.config.warm_imports.clone(),
+            replacements,
+            sessions: info
+                .sessions
+                .iter()
+                .map(|s| PoolSessionDto {
+                    session: s.id.clone(),
+                    pid: s.pid,
+                    state: s.state,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// One sandbox layer in `info`.
@@ -410,6 +520,7 @@ impl From<&SessionInfo> for InfoDto {
                 })
                 .collect(),
             config: ConfigDto::from(&i.config),
+            pool: None,
         }
     }
 }

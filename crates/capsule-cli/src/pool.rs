@@ -1,7 +1,11 @@
-//! Session pools on the command line: `capsule pool status [--json]`.
+//! Session pools on the command line: `capsule pool status [--json]`, and the pool behind the
+//! interactive front doors (`capsule stdio`, `capsule repl`).
 //!
 //! One place builds every [`PoolConfig`] the binary uses ([`build`]): precedence is flag >
 //! `CAPSULE_POOL_*` / `CAPSULE_*` environment > defaults, as everywhere else.
+//! [`front_door`] is the front doors' variant: `min_idle` is the number of warm **spares** kept
+//! beside the one session in use (default 1), and `max_sessions` defaults to spares + 2 (the
+//! session in use, the spares, and the spent session a replacement takes over from).
 //!
 //! `capsule pool status` starts a pool with the effective configuration, waits until
 //! `min_idle` sessions are warm, prints [`capsule_pool::PoolInfo`] and stops the pool.
@@ -44,6 +48,45 @@ pub fn build(
     }
     if let Some(w) = &flags.warm_imports {
         config.warm_imports = w.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// The pool of an interactive front door: `spares` (flag, else `CAPSULE_POOL_MIN_IDLE`, else 1)
+/// warm sessions wait beside the one in use, so a lost worker is replaced without a cold start.
+/// `max_sessions` (`CAPSULE_POOL_MAX_SESSIONS`) defaults to spares + 2: the session in use, the
+/// spares, and room to take a fresh session while the spent one is still held (with no spare,
+/// that fresh session is created on demand). A smaller value is a usage error.
+pub fn front_door(
+    session: SessionConfig,
+    spares: Option<usize>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<PoolConfig, ConfigError> {
+    let max_from_env = env("CAPSULE_POOL_MAX_SESSIONS").is_some();
+    let flags = Overrides {
+        min_idle: spares,
+        ..Overrides::default()
+    };
+    let base = PoolConfig {
+        session,
+        // Set below from the spares, unless the environment sets it.
+        max_sessions: usize::MAX,
+        ..PoolConfig::default()
+    };
+    let mut config = build(base, &flags, env)?;
+    let needed = config.min_idle.saturating_add(2);
+    if !max_from_env {
+        config.max_sessions = needed;
+    } else if config.max_sessions < needed {
+        return Err(ConfigError::Invalid {
+            key: "CAPSULE_POOL_MAX_SESSIONS",
+            value: config.max_sessions.to_string(),
+            reason: format!(
+                "a front door needs room for the session in use, {} warm spare(s) and a replacement: at least {needed}",
+                config.min_idle
+            ),
+        });
     }
     config.validate()?;
     Ok(config)
@@ -196,5 +239,45 @@ mod tests {
         )
         .expect("valid");
         assert_eq!((c.min_idle, c.max_sessions), (3, 5));
+    }
+
+    #[test]
+    fn a_front_door_keeps_one_spare_beside_the_session_in_use_by_default() {
+        let c = front_door(SessionConfig::default(), None, env(&[])).expect("valid");
+        assert_eq!((c.min_idle, c.max_sessions), (1, 3));
+        let c = front_door(SessionConfig::default(), Some(0), env(&[])).expect("valid");
+        assert_eq!((c.min_idle, c.max_sessions), (0, 2));
+        let c = front_door(
+            SessionConfig::default(),
+            None,
+            env(&[("CAPSULE_POOL_MIN_IDLE", "2")]),
+        )
+        .expect("valid");
+        assert_eq!((c.min_idle, c.max_sessions), (2, 4));
+        let c = front_door(
+            SessionConfig::default(),
+            None,
+            env(&[("CAPSULE_POOL_MIN_IDLE", "20")]),
+        )
+        .expect("valid");
+        assert_eq!((c.min_idle, c.max_sessions), (20, 22));
+    }
+
+    #[test]
+    fn a_front_door_refuses_a_cap_that_leaves_no_room_for_its_spares() {
+        let e = front_door(
+            SessionConfig::default(),
+            Some(1),
+            env(&[("CAPSULE_POOL_MAX_SESSIONS", "2")]),
+        )
+        .expect_err("1 in use + 1 spare + 1 replacement > 2");
+        assert!(e.to_string().contains("CAPSULE_POOL_MAX_SESSIONS"), "{e}");
+        let c = front_door(
+            SessionConfig::default(),
+            Some(1),
+            env(&[("CAPSULE_POOL_MAX_SESSIONS", "8")]),
+        )
+        .expect("room to spare");
+        assert_eq!((c.min_idle, c.max_sessions), (1, 8));
     }
 }

@@ -11,24 +11,30 @@
 //! own process group and never sees it); it is read with tokio's signal stream only then and
 //! cancels the cell through the session's cancel ladder, which keeps the namespace unless the
 //! cell ignores the interrupt for the whole grace period. Ctrl-D at the prompt exits.
+//!
+//! The session comes from a session pool with `--pool-size` warm spares (default 1,
+//! [`crate::front`]): after a cell whose outcome lost the state (the worker died, was killed,
+//! or ignored a cancel) the next cell runs on a spare that is already warm, and `%restart`
+//! takes a spare too. Leaving the repl stops the pool and every worker.
 
 use std::io::Write;
 use std::path::PathBuf;
 
-use capsule_session::{Event, OutcomeStatus, Session, SessionConfig, Stream};
+use capsule_pool::PoolConfig;
+use capsule_session::{Event, OutcomeStatus, Session, Stream};
 use rustyline::error::ReadlineError;
 use rustyline::DefaultEditor;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::exec::{print_outcome, ready_now, Console};
-use crate::model::InfoDto;
+use crate::front::{Cause, FrontSession};
 use crate::{code, Failure};
 
 const HELP: &str = "\
 Cells run in one persistent Python session. Commands:
   %help               this text
-  %info               session information (JSON)
-  %restart            kill the worker and start a fresh one (namespace lost)
+  %info               session and pool information (JSON)
+  %restart            move to a fresh worker from the pool (namespace lost)
   %reset              fresh namespace, same worker
   %checkpoint PATH    write the namespace to a file
   %restore PATH       restore a namespace written by %checkpoint
@@ -168,16 +174,23 @@ fn read_cell(editor: &mut DefaultEditor) -> Result<Option<String>, ReadlineError
 }
 
 /// Runs the repl until Ctrl-D or `%exit`.
-pub async fn run(config: SessionConfig) -> Result<u8, Failure> {
-    let session = Session::start(config)
+pub async fn run(config: PoolConfig) -> Result<u8, Failure> {
+    let mut front = FrontSession::start(config)
         .await
-        .map_err(|e| Failure::start(anyhow::Error::new(e).context("could not start a session")))?;
+        .map_err(|message| Failure::start(anyhow::anyhow!(message)))?;
+    let result = serve(&mut front).await;
+    front.stop().await;
+    result
+}
+
+/// The prompt loop, on the front door's session.
+async fn serve(front: &mut FrontSession) -> Result<u8, Failure> {
     let mut editor = DefaultEditor::new().map_err(anyhow::Error::new)?;
     let history = history_path();
     if let Some(path) = &history {
         let _ = editor.load_history(path);
     }
-    let banner = match session.info().await {
+    let banner = match front.session().info().await {
         Ok(info) => format!(
             "Capsule {} (Python {} at {}). %help for commands, Ctrl-D to exit.",
             env!("CARGO_PKG_VERSION"),
@@ -209,19 +222,35 @@ pub async fn run(config: SessionConfig) -> Result<u8, Failure> {
         }
         let trimmed = cell.trim();
         if let Some(magic) = trimmed.strip_prefix('%') {
-            if !run_magic(&session, magic).await {
+            if !run_magic(front, magic).await {
                 break;
             }
             continue;
         }
-        run_one(&session, cell, &mut editor, &mut sigint, &mut console).await?;
+        let session = front.session().clone();
+        let lost = run_one(&session, cell, &mut editor, &mut sigint, &mut console).await?;
+        if lost {
+            // The namespace is gone with the worker; the next cell runs on a warm spare.
+            match front.replace(Cause::WorkerLost).await {
+                Ok(()) => {
+                    let pid = front.session().info().await.ok().and_then(|i| i.pid);
+                    let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                    console.stderr(&format!(
+                        "[capsule] continuing on a fresh worker{pid}: the namespace is empty\n"
+                    ))?;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no fresh session from the pool; the next cell respawns the worker");
+                }
+            }
+        }
     }
-    let _ = session.shutdown().await;
     Ok(code::OK)
 }
 
 /// Runs a `%` command; `false` means exit.
-async fn run_magic(session: &Session, magic: &str) -> bool {
+async fn run_magic(front: &mut FrontSession, magic: &str) -> bool {
+    let session = front.session().clone();
     let (name, arg) = match magic.split_once(char::is_whitespace) {
         Some((n, a)) => (n, a.trim()),
         None => (magic, ""),
@@ -231,11 +260,12 @@ async fn run_magic(session: &Session, magic: &str) -> bool {
             "help" | "?" => print!("{HELP}"),
             "exit" | "quit" => return Err(anyhow::anyhow!("exit")),
             "info" => {
-                let info = session.info().await?;
-                println!("{}", serde_json::to_string_pretty(&InfoDto::from(&info))?);
+                let mut info = front.current().info().await?;
+                info.pool = Some(front.pool_dto());
+                println!("{}", serde_json::to_string_pretty(&info)?);
             }
             "restart" => {
-                session.restart().await?;
+                front.restart().await?;
                 println!("restarted: fresh namespace");
             }
             "reset" => {
@@ -274,21 +304,22 @@ async fn run_magic(session: &Session, magic: &str) -> bool {
     }
 }
 
-/// Runs one cell, streaming it; Ctrl-C cancels it.
+/// Runs one cell, streaming it; Ctrl-C cancels it. Returns whether its outcome lost the
+/// session's state (the worker is gone).
 async fn run_one(
     session: &Session,
     code: String,
     editor: &mut DefaultEditor,
     sigint: &mut Signal,
     console: &mut Console<std::io::Stdout>,
-) -> Result<(), Failure> {
+) -> Result<bool, Failure> {
     // Forget a SIGINT that arrived after the previous cell ended.
     while ready_now(sigint.recv()).is_some() {}
     let mut exec = match session.execute(code).await {
         Ok(exec) => exec,
         Err(e) => {
             eprintln!("error: {e}");
-            return Ok(());
+            return Ok(false);
         }
     };
     let handle = exec.handle();
@@ -307,15 +338,15 @@ async fn run_one(
         let mut next = ev;
         loop {
             match next {
-                None => return Ok(()),
+                None => return Ok(false),
                 Some(Event::Outcome(outcome)) => {
                     if matches!(outcome.status, OutcomeStatus::Cancelled) {
                         console.flush()?;
                         console.stderr("KeyboardInterrupt\n")?;
-                        return Ok(());
+                        return Ok(false);
                     }
                     print_outcome(console, &outcome)?;
-                    return Ok(());
+                    return Ok(outcome.status.state_lost());
                 }
                 Some(Event::Output { stream, text }) => console.output(stream, &text)?,
                 Some(Event::Display { data, .. }) => {
