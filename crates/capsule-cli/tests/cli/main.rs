@@ -238,6 +238,11 @@ impl StdioClient {
         wait_exit(&mut self.child)
     }
 
+    /// The `capsule` process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn summary(&self) -> String {
         let s = serde_json::to_string(&self.log).unwrap_or_default();
         let start = s.len().saturating_sub(1500);
@@ -250,6 +255,72 @@ impl Drop for StdioClient {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `(pid, parent pid, state)` of every process, from `/proc/<pid>/stat`.
+fn processes() -> Vec<(u32, u32, char)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            let mut rest = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+            let state = rest.next()?.chars().next()?;
+            let ppid = rest.next()?.parse().ok()?;
+            Some((pid, ppid, state))
+        })
+        .collect()
+}
+
+/// Every live process descended from `root` (children, their children, ...).
+pub fn descendants(root: u32) -> Vec<u32> {
+    let all = processes();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            all.iter()
+                .filter(|(pid, ppid, state)| *ppid == parent && *pid != root && *state != 'Z')
+                .map(|(pid, _, _)| *pid),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Whether `pid` is a process that has not exited (a zombie has).
+pub fn running(pid: u32) -> bool {
+    processes()
+        .iter()
+        .any(|(p, _, state)| *p == pid && !matches!(state, 'Z' | 'X'))
+}
+
+/// Waits, on a pidfd (an event, under the hang guard), until `pid` has exited.
+pub fn wait_gone(pid: u32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return; // Already reaped.
+    }
+    let mut pfd = libc::pollfd {
+        fd: fd as i32,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = HANG_GUARD.as_millis() as i32;
+    // SAFETY: one valid pollfd; the descriptor is ours and closed right after.
+    let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+    // SAFETY: closing the descriptor pidfd_open gave us.
+    unsafe { libc::close(fd as i32) };
+    assert_eq!(
+        ready, 1,
+        "pid {pid} outlived capsule (poll returned {ready})"
+    );
 }
 
 /// Concatenated `output` text of `stream` among `evs`.

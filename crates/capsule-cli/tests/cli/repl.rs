@@ -1,7 +1,8 @@
 //! `capsule repl` in a real terminal: a detached tmux session, typed into with `send-keys` and
 //! observed through a tmux control-mode client, whose `%output` notifications stream
 //! everything the pane prints. Waits are on that stream (event-driven, with a hang guard).
-//! Skipped, with a printed reason, when tmux is not installed.
+//! Skipped, with a printed reason, when tmux is not installed. Plus the repl with piped stdin
+//! (no terminal needed): a crash moves it to the pool's warm spare.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -321,8 +322,70 @@ fn repl_keeps_state_handles_blocks_input_ctrl_c_and_ctrl_d() {
     t.key("C-c");
     t.enter("x * 2", "\n82\n");
 
+    // A crash: the next cell runs on the pool's warm spare, with a fresh namespace.
+    let m = t.mark();
+    t.line("import os; os._exit(1)");
+    t.wait_for(m, "the worker was lost");
+    t.wait_for(m, "continuing on a fresh worker");
+    t.wait_for(m, ">>> ");
+    t.enter("'x' in globals()", "\nFalse\n");
+    // Ctrl-C still cancels there and keeps that session's state.
+    t.enter("z = 7", ">>> ");
+    let m = t.mark();
+    t.line("import time; print('wait' + 'ing', flush=True); time.sleep(100)");
+    t.wait_for(m, "waiting\n");
+    t.key("C-c");
+    t.wait_for(m, "KeyboardInterrupt");
+    t.enter("z", "\n7\n");
+
     t.key("C-d");
     t.wait_exit();
     let history = std::fs::read_to_string(&t.history).unwrap_or_default();
     assert!(history.contains("x = 41"), "history file: {history:?}");
+}
+
+/// Parses the first JSON value in `text` after `marker`.
+fn json_after(text: &str, marker: &str) -> serde_json::Value {
+    let rest = text
+        .split_once(marker)
+        .map(|(_, r)| r)
+        .unwrap_or_else(|| panic!("no {marker:?} in:\n{text}"));
+    let start = rest
+        .find('{')
+        .unwrap_or_else(|| panic!("no JSON in:\n{rest}"));
+    serde_json::Deserializer::from_str(&rest[start..])
+        .into_iter::<serde_json::Value>()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("bad JSON in:\n{rest}"))
+}
+
+#[test]
+fn a_crash_in_a_piped_repl_continues_on_the_warm_spare() {
+    let mut cmd = crate::capsule();
+    cmd.arg("repl");
+    let input = "x = 41\nprint('BEFORE>')\n%info\nimport os; os._exit(1)\n'x' in globals()\nprint('AFTER>')\n%info\n";
+    let out = crate::run_with_input(cmd, input.as_bytes());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stderr.contains("the worker was lost"), "{stderr}");
+    assert!(stderr.contains("continuing on a fresh worker"), "{stderr}");
+    assert!(stdout.contains("\nFalse\nAFTER>\n"), "{stdout}");
+    let before = json_after(&stdout, "BEFORE>\n");
+    let spare = before["pool"]["sessions"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["state"] == "idle"))
+        .cloned()
+        .unwrap_or_else(|| panic!("a warm spare: {before}"));
+    let after = json_after(&stdout, "AFTER>\n");
+    // The cell after the crash ran on the spare made before it, on that spare's own worker.
+    assert_eq!(
+        (&after["session"], &after["pid"]),
+        (&spare["session"], &spare["pid"]),
+        "{after}"
+    );
+    assert_eq!(after["workers_started"], 1, "{after}");
+    assert_eq!(after["pool"]["hits"], 1, "{after}");
+    assert_eq!(after["pool"]["replacements"]["worker_lost"], 1, "{after}");
 }

@@ -7,6 +7,35 @@ use serde_json::{json, Value};
 
 use crate::{capsule, text, StdioClient};
 
+fn info(c: &mut StdioClient, id: &str) -> Value {
+    c.send(json!({"op": "info", "id": id}));
+    c.wait(|e| e["event"] == "info" && e["id"] == id)
+}
+
+/// The `(session, pid)` of the pool's one idle spare, from an `info` event.
+fn spare(info: &Value) -> (Value, Value) {
+    let idle: Vec<&Value> = info["pool"]["sessions"]
+        .as_array()
+        .map(|s| s.iter().filter(|s| s["state"] == "idle").collect())
+        .unwrap_or_default();
+    assert_eq!(idle.len(), 1, "one warm spare: {info}");
+    (idle[0]["session"].clone(), idle[0]["pid"].clone())
+}
+
+/// Reads events until `n` outcomes have arrived; returns everything read.
+fn until_outcomes(c: &mut StdioClient, n: usize) -> Vec<Value> {
+    let mut evs = Vec::new();
+    while evs
+        .iter()
+        .filter(|e: &&Value| e["event"] == "outcome")
+        .count()
+        < n
+    {
+        evs.push(c.wait(|_| true));
+    }
+    evs
+}
+
 fn kinds(evs: &[Value]) -> Vec<String> {
     evs.iter()
         .map(|e| e["event"].as_str().unwrap_or("?").to_string())
@@ -465,4 +494,203 @@ fn the_public_conformance_smoke_passes() {
         "conformance smoke failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn a_lost_worker_is_replaced_by_the_warm_spare_before_the_next_cell() {
+    let (mut c, ready) = StdioClient::start(&[]);
+    // `ready` is written once the spare is warm too.
+    let before = info(&mut c, "i0");
+    let pool = &before["pool"];
+    assert_eq!(
+        [&pool["spares"], &pool["idle"], &pool["active"]],
+        [1, 1, 1],
+        "{pool}"
+    );
+    assert_eq!(pool["sessions_created"], 2, "{pool}");
+    assert_eq!((&pool["hits"], &pool["misses"]), (&json!(0), &json!(1)));
+    let (spare_session, spare_pid) = spare(&before);
+
+    c.outcome("a", "x = 1");
+    let oc = c.outcome("die", "import os\nos._exit(1)");
+    assert_eq!(
+        (&oc["status"], &oc["state_lost"]),
+        (&json!("worker_lost"), &json!(true)),
+        "{oc}"
+    );
+    // The outcome is followed by the move to the spare, made before the crash.
+    let ev = c.next_event();
+    assert_eq!(ev["event"], "restarted", "{ev}");
+    assert!(ev.get("id").is_none(), "{ev}");
+    assert_eq!(ev["cause"], "worker_lost", "{ev}");
+    assert_eq!((&ev["session"], &ev["pid"]), (&spare_session, &spare_pid));
+    assert_ne!(ev["session"], ready["session"]);
+
+    let oc = c.outcome("b", "'x' in globals()");
+    assert_eq!((&oc["status"], &oc["value"]), (&json!("ok"), &json!(false)));
+    let after = info(&mut c, "i1");
+    assert_eq!(
+        (&after["session"], &after["pid"]),
+        (&spare_session, &spare_pid)
+    );
+    // The spare's own worker ran the cell: no respawn, no cold start.
+    assert_eq!(after["workers_started"], 1, "{after}");
+    // The pool's warm-up cells are not the client's.
+    assert_eq!(after["executions"], 1, "{after}");
+    let pool = &after["pool"];
+    assert_eq!(
+        (&pool["hits"], &pool["misses"]),
+        (&json!(1), &json!(1)),
+        "{pool}"
+    );
+    assert_eq!(pool["replacements"]["worker_lost"], 1, "{pool}");
+}
+
+#[test]
+fn cells_queued_behind_a_crash_run_in_order_on_the_spare_with_one_outcome_each() {
+    let (mut c, _) = StdioClient::start(&[]);
+    let (_, spare_pid) = spare(&info(&mut c, "i0"));
+    for (id, code) in [
+        ("die", "print('going', flush=True)\nimport os\nos._exit(1)"),
+        ("q1", "y = 5\nprint('q1 ran')"),
+        ("q2", "y + 1"),
+    ] {
+        c.send(json!({"op": "execute", "id": id, "code": code}));
+    }
+    let evs = until_outcomes(&mut c, 3);
+    for id in ["die", "q1", "q2"] {
+        let n = evs
+            .iter()
+            .filter(|e| e["event"] == "outcome" && e["id"] == id)
+            .count();
+        assert_eq!(n, 1, "{id}: {evs:?}");
+    }
+    let at = |pred: &dyn Fn(&Value) -> bool| evs.iter().position(pred).expect("event");
+    let died = at(&|e| e["event"] == "outcome" && e["id"] == "die");
+    let moved = at(&|e| e["event"] == "restarted");
+    let q1 = at(&|e| e["id"] == "q1");
+    assert!(died < moved && moved < q1, "{evs:?}");
+    assert_eq!(evs[died]["status"], "worker_lost", "{evs:?}");
+    let die: Vec<Value> = evs.iter().filter(|e| e["id"] == "die").cloned().collect();
+    assert_eq!(text(&die, "stdout"), "going\n");
+    let q: Vec<Value> = evs.iter().filter(|e| e["id"] == "q1").cloned().collect();
+    assert_eq!(text(&q, "stdout"), "q1 ran\n");
+    let q2 = evs
+        .iter()
+        .find(|e| e["event"] == "outcome" && e["id"] == "q2")
+        .expect("q2 outcome");
+    assert_eq!(q2["value"], 6, "{q2}");
+    let after = info(&mut c, "i1");
+    assert_eq!(after["pid"], spare_pid, "{after}");
+    assert_eq!(after["workers_started"], 1, "{after}");
+}
+
+#[test]
+fn restart_takes_the_warm_spare() {
+    let (mut c, ready) = StdioClient::start(&[]);
+    let (spare_session, spare_pid) = spare(&info(&mut c, "i0"));
+    c.outcome("a", "x = 1");
+    c.send(json!({"op": "restart", "id": "r"}));
+    let ev = c.wait(|e| e["event"] == "restarted");
+    assert_eq!((&ev["id"], &ev["cause"]), (&json!("r"), &json!("restart")));
+    assert_eq!((&ev["session"], &ev["pid"]), (&spare_session, &spare_pid));
+    assert_ne!(ev["session"], ready["session"]);
+    assert_eq!(c.outcome("b", "'x' in globals()")["value"], false);
+    let pool = info(&mut c, "i1")["pool"].clone();
+    assert_eq!(pool["hits"], 1, "{pool}");
+    assert_eq!(pool["replacements"]["restart"], 1, "{pool}");
+}
+
+#[test]
+fn with_no_spare_a_crash_still_moves_to_a_fresh_session() {
+    let (mut c, ready) = StdioClient::start(&["--pool-size", "0"]);
+    let pool = info(&mut c, "i0")["pool"].clone();
+    assert_eq!(
+        [&pool["spares"], &pool["idle"], &pool["sessions_created"]],
+        [0, 0, 1],
+        "{pool}"
+    );
+    let oc = c.outcome("die", "import os\nos._exit(1)");
+    assert_eq!(oc["status"], "worker_lost", "{oc}");
+    let ev = c.next_event();
+    assert_eq!(
+        (&ev["event"], &ev["cause"]),
+        (&json!("restarted"), &json!("worker_lost")),
+        "{ev}"
+    );
+    assert_ne!(ev["session"], ready["session"]);
+    assert_eq!(c.outcome("b", "1 + 1")["value"], 2);
+    let pool = info(&mut c, "i1")["pool"].clone();
+    assert_eq!(
+        (&pool["hits"], &pool["misses"]),
+        (&json!(0), &json!(2)),
+        "{pool}"
+    );
+}
+
+#[test]
+fn shutdown_stops_the_pool_and_every_worker_it_made() {
+    let (mut c, _) = StdioClient::start(&[]);
+    let before = info(&mut c, "i0");
+    let workers: Vec<u32> = before["pool"]["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .filter_map(|s| s["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect();
+    assert_eq!(workers.len(), 2, "in use + spare: {before}");
+    let made = crate::descendants(c.pid());
+    for w in &workers {
+        assert!(made.contains(w), "worker {w} among {made:?}");
+    }
+    c.send(json!({"op": "execute", "id": "busy", "code": "import time\nprint('go', flush=True)\ntime.sleep(100)"}));
+    c.wait(|e| e["event"] == "output" && e["id"] == "busy");
+    c.send(json!({"op": "execute", "id": "queued", "code": "print('never')"}));
+    c.send(json!({"op": "shutdown", "id": "s"}));
+    let mut outcomes = Vec::new();
+    loop {
+        let ev = c.wait(|e| e["event"] == "outcome" || e["event"] == "shutdown");
+        if ev["event"] == "shutdown" {
+            assert_eq!(ev["id"], "s");
+            break;
+        }
+        outcomes.push(ev);
+    }
+    outcomes.sort_by_key(|o| o["id"].as_str().unwrap_or_default().to_string());
+    let got: Vec<(Value, Value)> = outcomes
+        .iter()
+        .map(|o| (o["id"].clone(), o["status"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (json!("busy"), json!("worker_lost")),
+            (json!("queued"), json!("cancelled"))
+        ]
+    );
+    // The pool was stopped before `shutdown` was written: its workers have exited.
+    for w in &workers {
+        assert!(!crate::running(*w), "worker {w} still runs after shutdown");
+    }
+    assert_eq!(c.wait_exit().code(), Some(0));
+    for p in made {
+        crate::wait_gone(p);
+    }
+}
+
+#[test]
+fn a_pool_cap_without_room_for_the_spares_is_a_usage_error() {
+    let out = crate::run_with_input(
+        {
+            let mut cmd = capsule();
+            cmd.args(["stdio", "--pool-size", "1"])
+                .env("CAPSULE_POOL_MAX_SESSIONS", "2");
+            cmd
+        },
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CAPSULE_POOL_MAX_SESSIONS"), "{err}");
 }
