@@ -52,8 +52,13 @@ use tokio::sync::oneshot;
 
 use crate::liveness::Liveness;
 
-/// The forked pid, whether it was the spare, and where its exit status will arrive.
-type LaunchReply = Result<(u32, bool, oneshot::Receiver<i32>), String>;
+/// A blocking task making a spare's cgroup and moving the spare in.
+type SpareCgroup = tokio::task::JoinHandle<Option<capsule_sandbox::PreparedCgroup>>;
+
+/// The forked pid, whether it was the spare (with its cgroup task, taken by the reader as the
+/// reply arrives so that the next spare's report cannot replace it), and where its exit status
+/// will arrive.
+type LaunchReply = Result<(u32, Option<Option<SpareCgroup>>, oneshot::Receiver<i32>), String>;
 
 /// A fork server for one pool configuration. Implements [`Launcher`]; pass it to
 /// [`capsule_session::Session::start_with`].
@@ -69,6 +74,9 @@ pub struct ForkServer {
     /// stdlib and site-packages, and the session's extra `sys.path`. Installing or removing a
     /// package changes one of them, and a template started before that is retired.
     stamp_dirs: Vec<PathBuf>,
+    /// The sessions' sandbox policy: each spare is moved into a cgroup made from it while it
+    /// waits, which the session that gets the spare adopts.
+    policy: Arc<capsule_sandbox::Policy>,
     current: Mutex<Option<Arc<Template>>>,
     /// Serialises template builds, so concurrent first launches share one template instead of
     /// each starting its own. Held across the build's awaits on purpose; nothing else takes it.
@@ -117,6 +125,8 @@ struct Template {
     stamp: u64,
     /// Pid of its current spare (0: none known).
     spare: std::sync::atomic::AtomicU32,
+    /// The cgroup being made for (and joined by) the current spare, by its pid.
+    spare_cgroup: Mutex<Option<(u32, SpareCgroup)>>,
     sock: OwnedFd,
     alive: AtomicBool,
     next_id: AtomicU64,
@@ -177,6 +187,7 @@ impl ForkServer {
                 .chain(session.sys_path.iter())
                 .cloned()
                 .collect(),
+            policy: Arc::new(session.sandbox.clone()),
             current: Mutex::new(None),
             building: tokio::sync::Mutex::new(()),
             forked: Mutex::new(HashSet::new()),
@@ -355,6 +366,7 @@ impl ForkServer {
             pid,
             stamp,
             spare: std::sync::atomic::AtomicU32::new(0),
+            spare_cgroup: Mutex::new(None),
             sock: host,
             alive: AtomicBool::new(true),
             next_id: AtomicU64::new(1),
@@ -369,6 +381,7 @@ impl ForkServer {
             reader_sock,
             ready_tx,
             self.changed.clone(),
+            self.policy.clone(),
         ));
         let ready = tokio::time::timeout(self.start_timeout, ready_rx)
             .await
@@ -421,10 +434,15 @@ impl ForkServer {
             .await
             .map_err(|_| other("the fork-server template did not answer"))?
             .map_err(|_| other("the fork-server template died"))?;
-        let (pid, from_spare, exit_rx) = reply.map_err(other)?;
+        let (pid, spare, exit_rx) = reply.map_err(other)?;
         self.forks.fetch_add(1, Ordering::Relaxed);
-        if from_spare {
+        let mut cgroup = None;
+        if let Some(task) = spare {
             self.spare_hits.fetch_add(1, Ordering::Relaxed);
+            if let Some(task) = task {
+                // Usually done long ago; otherwise its move is already under way.
+                cgroup = task.await.ok().flatten();
+            }
         }
         lock(&self.forked).insert(pid);
         let exit: ExitFuture = Box::pin(async move {
@@ -438,7 +456,7 @@ impl ForkServer {
                 }
             }
         });
-        Ok(Launched { pid, exit })
+        Ok(Launched { pid, exit, cgroup })
     }
 }
 
@@ -483,6 +501,7 @@ async fn reader(
     sock: OwnedFd,
     ready: oneshot::Sender<serde_json::Value>,
     changed: tokio::sync::watch::Sender<u64>,
+    policy: Arc<capsule_sandbox::Policy>,
 ) {
     let mut ready = Some(ready);
     // SAFETY: `sock` is an OwnedFd moved into the AsyncFd and stays open until it is dropped.
@@ -536,7 +555,29 @@ async fn reader(
             }
         } else if let (None, Some(pid)) = (msg.get("id"), msg.get("spare").and_then(|p| p.as_u64()))
         {
-            t.spare.store(pid as u32, Ordering::Relaxed);
+            let pid = pid as u32;
+            t.spare.store(pid, Ordering::Relaxed);
+            // Move the spare into a cgroup of its own now, off any session's start. The
+            // previous spare's entry (used or dead) is dropped with it.
+            let policy = policy.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                let mut c = match capsule_sandbox::PreparedCgroup::create(&policy) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => return None,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no cgroup made ahead for the spare");
+                        return None;
+                    }
+                };
+                match c.join(pid) {
+                    Ok(()) => Some(c),
+                    Err(e) => {
+                        tracing::debug!(spare = pid, error = %e, "moving the spare into its cgroup failed");
+                        None
+                    }
+                }
+            });
+            *lock(&t.spare_cgroup) = Some((pid, task));
         } else if let Some(id) = msg.get("id").and_then(|i| i.as_u64()) {
             let Some(tx) = lock(&t.pending).remove(&id) else {
                 continue;
@@ -549,13 +590,21 @@ async fn reader(
                     let (etx, erx) = oneshot::channel();
                     lock(&t.exits).insert(pid, etx);
                     let from_spare = msg.get("spare").and_then(|s| s.as_bool()) == Some(true);
-                    if from_spare {
+                    let spare = from_spare.then(|| {
                         // Used: until the template reports its successor, there is none.
                         let _ =
                             t.spare
                                 .compare_exchange(pid, 0, Ordering::Relaxed, Ordering::Relaxed);
-                    }
-                    Ok((pid, from_spare, erx))
+                        let mut slot = lock(&t.spare_cgroup);
+                        match slot.take() {
+                            Some((p, task)) if p == pid => Some(task),
+                            other => {
+                                *slot = other;
+                                None
+                            }
+                        }
+                    });
+                    Ok((pid, spare, erx))
                 }
                 None => Err(msg
                     .get("error")

@@ -286,6 +286,70 @@ fn interpreter_read_paths(invoked: &Path, canonical: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// A worker's cgroup(s), made ahead of time for a process that already exists: the pool's fork
+/// server moves its pre-forked spare into one while the spare waits, so that the session that
+/// later gets the spare adopts it ([`Prepared::adopt_cgroup`]) instead of paying for the move
+/// on its start (on cgroup v1 a move waits for an RCU grace period: ~8 ms here).
+///
+/// Dropped without being adopted, it kills what is inside and removes the directories.
+#[derive(Debug)]
+pub struct PreparedCgroup {
+    cg: Option<cgroup::WorkerCgroup>,
+    procs: Vec<OwnedFd>,
+    pid: Option<u32>,
+}
+
+impl PreparedCgroup {
+    /// Creates the cgroup(s) `policy` gives each worker, with its limits. `Ok(None)` when the
+    /// policy gives workers no cgroup here (layer off, no limit to enforce, or cgroups
+    /// unavailable: then [`prepare`] decides, and fails closed if the layer is required).
+    pub fn create(policy: &Policy) -> Result<Option<PreparedCgroup>, SandboxError> {
+        let lim = &policy.limits;
+        if !policy.layers.cgroup.wanted()
+            || (lim.memory.is_none() && lim.processes.is_none())
+            || probe_ok(probe(), "cgroup").is_err()
+        {
+            return Ok(None);
+        }
+        let (cg, procs) = cgroup::create(&probe().cgroup, lim.memory, lim.processes)?;
+        Ok(Some(PreparedCgroup {
+            cg: Some(cg),
+            procs,
+            pid: None,
+        }))
+    }
+
+    /// Moves `pid` (and so its future children) in. Blocking; once only.
+    pub fn join(&mut self, pid: u32) -> Result<(), SandboxError> {
+        let text = pid.to_string();
+        for fd in std::mem::take(&mut self.procs) {
+            // SAFETY: write(2) of a byte slice to a cgroup.procs descriptor we own.
+            let n = unsafe { libc::write(fd.as_raw_fd(), text.as_ptr().cast(), text.len()) };
+            if n != text.len() as isize {
+                return Err(SandboxError::ChildSetup {
+                    layer: "cgroup",
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
+        self.pid = Some(pid);
+        Ok(())
+    }
+
+    /// The pid moved in by [`PreparedCgroup::join`].
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+}
+
+impl Drop for PreparedCgroup {
+    fn drop(&mut self) {
+        if let Some(cg) = &mut self.cg {
+            cg.remove();
+        }
+    }
+}
+
 /// Prepare the sandbox for one worker (in the parent, before fork). Probes the kernel (cached),
 /// allocates every layer, and fails closed on a required layer that is unavailable.
 pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxError> {
@@ -808,6 +872,36 @@ impl Prepared {
     /// on an async runtime run it on a blocking thread).
     pub fn has_cgroups_to_join(&self) -> bool {
         !self.cgroup_procs.is_empty()
+    }
+
+    /// For a worker that already sits in a cgroup made for it ahead of time (see
+    /// [`PreparedCgroup`]): that cgroup becomes this worker's (limits, OOM and pids counters,
+    /// cleanup) in place of the one [`prepare`] made, which is removed. Records the pid;
+    /// replaces [`Prepared::join_cgroups`]. Both cgroups come from the same policy, so the
+    /// limits are the same.
+    pub fn adopt_cgroup(&mut self, mut adopted: PreparedCgroup, pid: u32) {
+        self.pid = Some(pid);
+        let Some(new) = adopted.cg.take() else {
+            return;
+        };
+        self.cgroup_procs.clear();
+        if let Some(mut own) = self.cgroup.take() {
+            if let Some(l) = self.layers.iter_mut().find(|l| l.name == "cgroup") {
+                for (old, newer) in [
+                    (&own.memory_dir, &new.memory_dir),
+                    (&own.pids_dir, &new.pids_dir),
+                ] {
+                    if let (Some(o), Some(n)) = (old, newer) {
+                        l.detail = l
+                            .detail
+                            .replace(&*o.to_string_lossy(), &n.to_string_lossy());
+                    }
+                }
+            }
+            own.remove();
+        }
+        self.baseline = new.events();
+        self.cgroup = Some(new);
     }
 
     /// Records the pid and moves the worker into its cgroups (memory, pids). Part of

@@ -59,6 +59,10 @@ pub struct Launched {
     pub pid: u32,
     /// Resolves when it exits.
     pub exit: ExitFuture,
+    /// The cgroup the worker already sits in, if the launcher made and joined one ahead of
+    /// time (the fork server does so for its spare); the session adopts it instead of moving
+    /// the worker into the one it prepared.
+    pub cgroup: Option<capsule_sandbox::PreparedCgroup>,
 }
 
 /// Starts worker processes some other way than a fresh spawn (the fork-server seam, used by
@@ -290,6 +294,7 @@ pub(crate) async fn spawn_worker(
     };
     let mut sandbox = capsule_sandbox::prepare(&config.sandbox, &spec)?;
     let mut launched = None;
+    let mut adopted = None;
     if let Some(launcher) = launcher {
         // The forked child applies this same plan itself (capsule_worker.confine), so a forked
         // worker gets exactly the layers a spawned one would.
@@ -312,7 +317,10 @@ pub(crate) async fn spawn_worker(
             sandbox: &plan,
         };
         match launcher.launch(req).await {
-            Ok(l) => launched = Some((l.pid, l.exit, launcher.name())),
+            Ok(l) => {
+                adopted = l.cgroup;
+                launched = Some((l.pid, l.exit, launcher.name()));
+            }
             Err(e) => {
                 tracing::warn!(session = %session_id, launcher = launcher.name(), error = %e, "launcher failed; falling back to a plain spawn");
                 // The plan went (or may have gone) to the template: prepare afresh for the spawn.
@@ -399,7 +407,10 @@ pub(crate) async fn spawn_worker(
     // so it runs on a blocking thread while the worker starts and says hello. No cell reaches
     // the worker before the join: the hello_ack (after which the host sends commands) waits
     // for it.
-    let join = if sandbox.has_cgroups_to_join() {
+    let join = if let Some(c) = adopted.filter(|c| c.pid() == Some(pid)) {
+        sandbox.adopt_cgroup(c, pid);
+        Ok(sandbox)
+    } else if sandbox.has_cgroups_to_join() {
         let mut sb = sandbox;
         Err(tokio::task::spawn_blocking(move || {
             let r = sb.join_cgroups(pid);

@@ -211,6 +211,38 @@ async fn workers_come_from_the_spare_and_a_dead_spare_is_replaced() {
     assert!(confined(&si), "{:?}", si.sandbox);
     assert_eq!(fork.info().spare_hits, 1 + info.spare_hits);
     assert_eq!(ok(&second, "6 * 7").await, "42");
+    // The spare was moved into a cgroup of its own while it waited; the session adopted that
+    // one: the kernel's view and the session's report agree, and it is removed at the end.
+    let cgroup_dirs = |pid: u32| -> Vec<std::path::PathBuf> {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .expect("cgroup file")
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+                let ctrl = ctrl.split(',').find(|c| *c == "memory" || *c == "pids")?;
+                path.contains("capsule-").then(|| {
+                    std::path::Path::new("/sys/fs/cgroup")
+                        .join(ctrl)
+                        .join(&path[1..])
+                })
+            })
+            .collect()
+    };
+    let dirs = cgroup_dirs(spare);
+    let detail = si
+        .sandbox
+        .iter()
+        .find(|l| l.name == "cgroup")
+        .map(|l| (l.state.clone(), l.detail.clone()));
+    if let Some(("active", detail)) = detail.as_ref().map(|(s, d)| (s.as_str(), d)) {
+        assert!(!dirs.is_empty(), "the worker is in no capsule cgroup");
+        for d in &dirs {
+            let name = d.file_name().expect("name").to_string_lossy().into_owned();
+            assert!(detail.contains(&name), "{detail} does not name {name}");
+            assert!(d.is_dir());
+        }
+    }
 
     // Kill the (next) spare: the following launch forks on demand, then a new spare appears.
     let info = guard(
@@ -242,6 +274,10 @@ async fn workers_come_from_the_spare_and_a_dead_spare_is_replaced() {
     assert_eq!(info.templates_started, 1, "{info:?}");
     for s in [first, second, third] {
         s.shutdown().await.expect("shutdown");
+    }
+    await_exit(spare).await;
+    for d in &dirs {
+        assert!(!d.exists(), "{} left behind", d.display());
     }
     fork.shutdown();
 }
