@@ -86,6 +86,12 @@ pub struct PoolConfig {
     /// `docs/operations.md`). Plain spawn is always the fallback. Env: `CAPSULE_POOL_FORK`
     /// (`0`/`1`).
     pub fork_server: bool,
+    /// While the fork server's template is still starting (it processes `site` and the warm
+    /// imports once, tens of ms), create sessions by plain spawn instead of waiting for it; the
+    /// template is built in the background and later sessions are forked. `false`: every
+    /// creation waits for the template (all sessions forked). Env:
+    /// `CAPSULE_POOL_FORK_SPAWN_WHILE_WARMING` (`0`/`1`).
+    pub spawn_while_warming: bool,
     /// Configuration of every session.
     pub session: SessionConfig,
 }
@@ -104,6 +110,7 @@ impl Default for PoolConfig {
             breaker: BreakerConfig::default(),
             health_interval: Duration::from_secs(5),
             fork_server: true,
+            spawn_while_warming: true,
             session: SessionConfig::default(),
         }
     }
@@ -199,6 +206,19 @@ impl PoolConfig {
         if let Some(v) = get("CAPSULE_POOL_BREAKER_MAX_MS") {
             self.breaker.max_backoff =
                 Duration::from_millis(parse_num("CAPSULE_POOL_BREAKER_MAX_MS", &v)?);
+        }
+        if let Some(v) = get("CAPSULE_POOL_FORK_SPAWN_WHILE_WARMING") {
+            self.spawn_while_warming = match v.trim() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        key: "CAPSULE_POOL_FORK_SPAWN_WHILE_WARMING",
+                        value: v,
+                        reason: "expected 0 or 1".into(),
+                    })
+                }
+            };
         }
         if let Some(v) = get("CAPSULE_POOL_FORK") {
             self.fork_server = match v.trim() {

@@ -88,6 +88,14 @@ pub struct ForkServer {
     forks: AtomicU64,
     failures: AtomicU64,
     spare_hits: AtomicU64,
+    /// Launches answered "spawn instead" because the template was still starting.
+    warming_spawns: AtomicU64,
+    /// See [`ForkServer::set_spawn_while_warming`].
+    spawn_while_warming: AtomicBool,
+    /// A background template build is under way (spawn-while-warming mode).
+    warming: AtomicBool,
+    /// Itself, for the background build task.
+    me: std::sync::Weak<ForkServer>,
     disabled: Mutex<Option<String>>,
     /// Bumped whenever a template reports something (ready, a spare, a launch, an exit) or
     /// goes away: what [`ForkServer::wait_until`] waits on.
@@ -116,6 +124,8 @@ pub struct ForkInfo {
     pub spare_hits: u64,
     /// Pid of the template's current spare: a child forked ahead of the next request.
     pub spare_pid: Option<u32>,
+    /// Sessions spawned instead because the template was still starting.
+    pub warming_spawns: u64,
 }
 
 #[derive(Debug)]
@@ -164,7 +174,12 @@ impl ForkServer {
             capsule_worker::materialize(session.cache_dir.as_deref()).map_err(|e| e.to_string())?;
         let literal =
             serde_json::Value::String(bundle.dir.to_string_lossy().into_owned()).to_string();
-        Ok(Arc::new(ForkServer {
+        Ok(Arc::new_cyclic(|me| {
+            ForkServer {
+            me: me.clone(),
+            warming_spawns: AtomicU64::new(0),
+            spawn_while_warming: AtomicBool::new(false),
+            warming: AtomicBool::new(false),
             python: interp.executable.clone(),
             bootstrap: format!(
                 "import sys; sys.path.insert(0, {literal}); import capsule_worker; capsule_worker.template_main()"
@@ -198,7 +213,16 @@ impl ForkServer {
             spare_hits: AtomicU64::new(0),
             changed: tokio::sync::watch::Sender::new(0),
             disabled: Mutex::new(None),
+        }
         }))
+    }
+
+    /// With `on`, a launch that finds no running template does not wait for one: it starts
+    /// building it in the background and answers [`std::io::ErrorKind::WouldBlock`], so the
+    /// session spawns its worker instead (quietly: this is not a failure). Later launches,
+    /// once the template is up, fork. Off by default (every launch waits for the template).
+    pub fn set_spawn_while_warming(&self, on: bool) {
+        self.spawn_while_warming.store(on, Ordering::Relaxed);
     }
 
     /// Kills the current template (its workers live on; sessions shut them down). The next
@@ -232,7 +256,14 @@ impl ForkServer {
             failures: self.failures.load(Ordering::Relaxed),
             spare_hits: self.spare_hits.load(Ordering::Relaxed),
             spare_pid: live.and_then(|(_, spare)| (spare != 0).then_some(spare)),
+            warming_spawns: self.warming_spawns.load(Ordering::Relaxed),
         }
+    }
+
+    fn has_live_template(&self) -> bool {
+        lock(&self.current)
+            .as_ref()
+            .is_some_and(|t| t.alive.load(Ordering::Acquire))
     }
 
     /// A digest of the modification times of [`ForkServer::stamp_dirs`] (a few `stat`s).
@@ -246,6 +277,11 @@ impl ForkServer {
             }
         }
         h.finish()
+    }
+
+    /// A receiver that changes whenever a template reports something or goes away.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Waits until `pred` holds for [`ForkServer::info`] (re-checked whenever a template
@@ -476,6 +512,26 @@ impl Launcher for ForkServer {
         req: LaunchRequest<'a>,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<Launched>> + Send + 'a>> {
         Box::pin(async move {
+            if self.spawn_while_warming.load(Ordering::Relaxed) && !self.has_live_template() {
+                if lock(&self.disabled).is_none() && !self.warming.swap(true, Ordering::AcqRel) {
+                    if let Some(me) = self.me.upgrade() {
+                        tokio::spawn(async move {
+                            if let Err(e) = me.template().await {
+                                tracing::debug!(error = %e, "fork-server template build failed");
+                            }
+                            me.warming.store(false, Ordering::Release);
+                            me.changed.send_modify(|n| *n += 1);
+                        });
+                    } else {
+                        self.warming.store(false, Ordering::Release);
+                    }
+                }
+                self.warming_spawns.fetch_add(1, Ordering::Relaxed);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    "the fork-server template is still starting",
+                ));
+            }
             let result = match self.template().await {
                 Ok(t) => {
                     let r = self.fork(&t, &req).await;

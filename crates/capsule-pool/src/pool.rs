@@ -278,7 +278,10 @@ impl SessionPool {
             )
         } else {
             match ForkServer::new(&config.session, &config.warm_imports) {
-                Ok(f) => (Some(f), None),
+                Ok(f) => {
+                    f.set_spawn_while_warming(config.spawn_while_warming);
+                    (Some(f), None)
+                }
                 Err(why) => {
                     tracing::info!(reason = %why, "fork server off; sessions are spawned");
                     (None, Some(why))
@@ -336,6 +339,20 @@ impl SessionPool {
             signals.clone(),
             inner.config.health_interval,
         ));
+        if let Some(fork) = &inner.fork {
+            // The fork server's state is part of PoolInfo: its changes wake pool waiters too.
+            // Ends when the fork server reports no more (dropped with the pool).
+            let mut rx = fork.subscribe();
+            let relay = Arc::downgrade(&signals);
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    match relay.upgrade() {
+                        Some(s) => s.bump(),
+                        None => break,
+                    }
+                }
+            });
+        }
         signals.warm.notify_one();
         Ok(SessionPool { inner })
     }

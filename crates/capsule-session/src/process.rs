@@ -69,7 +69,8 @@ pub struct Launched {
 /// `capsule-pool`). The worker must run the normal worker `main` on the given descriptors and
 /// say hello on fd 4 exactly as a spawned one, after applying [`LaunchRequest::sandbox`], so it
 /// runs under the same per-session layers as a spawned worker. On any launch error the session
-/// falls back to a plain spawn.
+/// falls back to a plain spawn; [`std::io::ErrorKind::WouldBlock`] means "not ready yet, spawn
+/// this one" and is not logged as a failure.
 pub trait Launcher: Send + Sync + std::fmt::Debug {
     /// A stable name for logs and metrics (e.g. `fork`).
     fn name(&self) -> &'static str;
@@ -322,7 +323,11 @@ pub(crate) async fn spawn_worker(
                 launched = Some((l.pid, l.exit, launcher.name()));
             }
             Err(e) => {
-                tracing::warn!(session = %session_id, launcher = launcher.name(), error = %e, "launcher failed; falling back to a plain spawn");
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    tracing::debug!(session = %session_id, launcher = launcher.name(), reason = %e, "launcher not ready; spawning");
+                } else {
+                    tracing::warn!(session = %session_id, launcher = launcher.name(), error = %e, "launcher failed; falling back to a plain spawn");
+                }
                 // The plan went (or may have gone) to the template: prepare afresh for the spawn.
                 drop(plan);
                 drop(sandbox);

@@ -281,3 +281,36 @@ async fn workers_come_from_the_spare_and_a_dead_spare_is_replaced() {
     }
     fork.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_template_warms_sessions_are_spawned() {
+    let mut c = fork_config();
+    c.spawn_while_warming = true;
+    c.min_idle = 1;
+    c.max_sessions = 3;
+    c.reuse = Reuse::Replace;
+    let pool = start(c).await;
+    let info = guard("ready", pool.wait_ready()).await.expect("ready");
+    // The first creation did not wait for the template: it spawned, and asked for a build.
+    assert_eq!(info.created_by_path.get("spawn"), Some(&1), "{info:#?}");
+    assert_eq!(info.fork.warming_spawns, 1, "{:?}", info.fork);
+    assert_eq!(info.fork.failures, 0, "{:?}", info.fork);
+    // The template comes up in the background; the next creation is forked.
+    let info = wait(&pool, "the template", |i| i.fork.template_pid.is_some()).await;
+    let template = info.fork.template_pid.expect("template");
+    let s = pool.acquire(ACQUIRE).await.expect("acquire");
+    assert_eq!(ok(&s, "1 + 1").await, "2");
+    s.discard();
+    let info = wait(&pool, "a forked replacement", |i| {
+        i.created_by_path.get("fork") == Some(&1) && i.idle == 1
+    })
+    .await;
+    assert_eq!(info.fork.warming_spawns, 1, "{:?}", info.fork);
+    let s = pool.acquire(ACQUIRE).await.expect("acquire");
+    assert_eq!(
+        ok(&s, "import os; os.getppid()").await,
+        template.to_string()
+    );
+    drop(s);
+    pool.stop().await;
+}

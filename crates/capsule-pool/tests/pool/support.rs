@@ -21,6 +21,10 @@ pub fn config() -> PoolConfig {
         idle_timeout: None,
         recycle_after_executions: None,
         health_interval: Duration::from_secs(3600),
+        // Creations wait for the fork server's template, so which path made a session is
+        // deterministic (`fork::while_the_template_warms_sessions_are_spawned` covers the
+        // default).
+        spawn_while_warming: false,
         session: session_config(),
         ..PoolConfig::default()
     }
