@@ -86,10 +86,11 @@ pub struct FrontSession {
 }
 
 impl FrontSession {
-    /// Starts the pool, takes the first session, then waits (at most the session start
-    /// timeout) until the spares are warm too, so a crash in the very first cell already
-    /// finds one. Errors are the message for the client.
-    pub async fn start(config: PoolConfig) -> Result<FrontSession, String> {
+    /// Starts the pool and takes the first session. With `wait_spares`, then waits (at most
+    /// the session start timeout) until the spares are warm too, so a crash in the very first
+    /// cell already finds one; without, the spares warm in the background while the client
+    /// already works. Errors are the message for the client.
+    pub async fn start(config: PoolConfig, wait_spares: bool) -> Result<FrontSession, String> {
         // A creation is a start plus a warm-up cell, each bounded by the start timeout.
         let acquire_timeout = config.session.start_timeout.saturating_mul(2);
         let spare_timeout = config.session.start_timeout;
@@ -104,10 +105,12 @@ impl FrontSession {
             }
         };
         let baseline = baseline(&first).await;
-        match tokio::time::timeout(spare_timeout, pool.wait_ready()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "the warm spare session is not ready"),
-            Err(_) => tracing::warn!("the warm spare session is not ready in time"),
+        if wait_spares {
+            match tokio::time::timeout(spare_timeout, pool.wait_ready()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "the warm spare session is not ready"),
+                Err(_) => tracing::warn!("the warm spare session is not ready in time"),
+            }
         }
         Ok(FrontSession {
             pool,

@@ -138,6 +138,11 @@ pub struct FrontPoolArgs {
     /// a cold start (default 1, or CAPSULE_POOL_MIN_IDLE; 0: a crash restarts cold).
     #[arg(long, value_name = "N")]
     pub pool_size: Option<usize>,
+    /// Announce `ready` (the repl: show the prompt) only once the spares are warm too, so even
+    /// a crash in the very first cell finds one. By default `ready` follows the first session
+    /// and the spares warm in the background.
+    #[arg(long)]
+    pub wait_spares: bool,
 }
 
 impl FrontPoolArgs {
@@ -263,11 +268,11 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         }
         Some(Command::Repl { pool }) => {
             let config = pool.resolve(settings::resolve(&global)?)?;
-            repl::run(config).await
+            repl::run(config, pool.wait_spares).await
         }
         Some(Command::Stdio { pool }) => {
             let config = pool.resolve(settings::resolve(&global)?)?;
-            stdio::run(config).await
+            stdio::run(config, pool.wait_spares).await
         }
         Some(Command::Pool(cmd)) => {
             let config = settings::resolve(&global)?;
@@ -280,7 +285,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         None => {
             if std::io::stdin().is_terminal() {
                 let config = FrontPoolArgs::default().resolve(settings::resolve(&global)?)?;
-                repl::run(config).await
+                repl::run(config, false).await
             } else {
                 let _ = Cli::command().print_help();
                 Ok(code::OK)

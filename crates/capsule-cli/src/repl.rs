@@ -174,8 +174,8 @@ fn read_cell(editor: &mut DefaultEditor) -> Result<Option<String>, ReadlineError
 }
 
 /// Runs the repl until Ctrl-D or `%exit`.
-pub async fn run(config: PoolConfig) -> Result<u8, Failure> {
-    let mut front = FrontSession::start(config)
+pub async fn run(config: PoolConfig, wait_spares: bool) -> Result<u8, Failure> {
+    let mut front = FrontSession::start(config, wait_spares)
         .await
         .map_err(|message| Failure::start(anyhow::anyhow!(message)))?;
     let result = serve(&mut front).await;

@@ -169,13 +169,13 @@ fn cancelled(id: ClientId) -> OutEvent {
 }
 
 /// Runs `capsule stdio` to completion; returns the exit code.
-pub async fn run(config: PoolConfig) -> Result<u8, Failure> {
+pub async fn run(config: PoolConfig, wait_spares: bool) -> Result<u8, Failure> {
     let max_queued = config.session.max_queued;
     let (tx, rx) = mpsc::channel::<OutEvent>(WRITER_QUEUE);
     let writer = std::thread::Builder::new()
         .name("capsule-stdout".into())
         .spawn(move || write_events(rx))?;
-    let mut front = match FrontSession::start(config).await {
+    let mut front = match FrontSession::start(config, wait_spares).await {
         Ok(f) => f,
         Err(message) => {
             start_failed(&tx, message).await;

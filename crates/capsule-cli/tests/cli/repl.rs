@@ -106,7 +106,10 @@ impl Term {
         let dir = tempfile::tempdir().expect("tempdir");
         let history = dir.path().join("history");
         // The pane waits for "go" so that nothing it prints is missed by the control client.
-        let shell_cmd = format!("tmux -L {socket} wait-for go; exec '{}' repl", crate::bin());
+        let shell_cmd = format!(
+            "tmux -L {socket} wait-for go; exec '{}' repl --wait-spares",
+            crate::bin()
+        );
         let status = Command::new("tmux")
             .args([
                 "-L",
@@ -363,7 +366,7 @@ fn json_after(text: &str, marker: &str) -> serde_json::Value {
 #[test]
 fn a_crash_in_a_piped_repl_continues_on_the_warm_spare() {
     let mut cmd = crate::capsule();
-    cmd.arg("repl");
+    cmd.args(["repl", "--wait-spares"]);
     let input = "x = 41\nprint('BEFORE>')\n%info\nimport os; os._exit(1)\n'x' in globals()\nprint('AFTER>')\n%info\n";
     let out = crate::run_with_input(cmd, input.as_bytes());
     let stdout = String::from_utf8_lossy(&out.stdout);

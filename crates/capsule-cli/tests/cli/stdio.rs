@@ -498,7 +498,7 @@ fn the_public_conformance_smoke_passes() {
 
 #[test]
 fn a_lost_worker_is_replaced_by_the_warm_spare_before_the_next_cell() {
-    let (mut c, ready) = StdioClient::start(&[]);
+    let (mut c, ready) = StdioClient::start(&["--wait-spares"]);
     // `ready` is written once the spare is warm too.
     let before = info(&mut c, "i0");
     let pool = &before["pool"];
@@ -548,7 +548,7 @@ fn a_lost_worker_is_replaced_by_the_warm_spare_before_the_next_cell() {
 
 #[test]
 fn cells_queued_behind_a_crash_run_in_order_on_the_spare_with_one_outcome_each() {
-    let (mut c, _) = StdioClient::start(&[]);
+    let (mut c, _) = StdioClient::start(&["--wait-spares"]);
     let (_, spare_pid) = spare(&info(&mut c, "i0"));
     for (id, code) in [
         ("die", "print('going', flush=True)\nimport os\nos._exit(1)"),
@@ -587,7 +587,7 @@ fn cells_queued_behind_a_crash_run_in_order_on_the_spare_with_one_outcome_each()
 
 #[test]
 fn restart_takes_the_warm_spare() {
-    let (mut c, ready) = StdioClient::start(&[]);
+    let (mut c, ready) = StdioClient::start(&["--wait-spares"]);
     let (spare_session, spare_pid) = spare(&info(&mut c, "i0"));
     c.outcome("a", "x = 1");
     c.send(json!({"op": "restart", "id": "r"}));
@@ -630,7 +630,7 @@ fn with_no_spare_a_crash_still_moves_to_a_fresh_session() {
 
 #[test]
 fn shutdown_stops_the_pool_and_every_worker_it_made() {
-    let (mut c, _) = StdioClient::start(&[]);
+    let (mut c, _) = StdioClient::start(&["--wait-spares"]);
     let before = info(&mut c, "i0");
     let workers: Vec<u32> = before["pool"]["sessions"]
         .as_array()
