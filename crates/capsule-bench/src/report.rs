@@ -259,7 +259,8 @@ impl Report {
             verdict(p.fork_ready_sandboxed.median <= 3000.0),
         );
         row(
-            "pool start, `min_idle = 4` (default policy, fork server)".into(),
+            "pool start, `min_idle = 4` (default policy, fork server, waiting for the template)"
+                .into(),
             med_p99(&p.pool_start_4),
             format!("{} all spawned", med_p99(&p.pool_start_4_spawn)),
             none.clone(),

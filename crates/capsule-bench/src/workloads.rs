@@ -370,6 +370,8 @@ pub async fn pool(config: &SessionConfig, sizes: &Sizes) -> Result<Pool> {
                 min_idle: 4,
                 max_sessions: 4,
                 fork_server,
+                // Every creation waits for the template, so this row measures forked sessions.
+                spawn_while_warming: false,
                 session: config.clone(),
                 ..PoolConfig::default()
             })

@@ -131,6 +131,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 min_idle: 4,
                 max_sessions: 4,
                 fork_server,
+                spawn_while_warming: false,
                 session: cfg.clone(),
                 ..PoolConfig::default()
             })
