@@ -55,10 +55,18 @@ use crate::liveness::Liveness;
 /// A blocking task making a spare's cgroup and moving the spare in.
 type SpareCgroup = tokio::task::JoinHandle<Option<capsule_sandbox::PreparedCgroup>>;
 
-/// The forked pid, whether it was the spare (with its cgroup task, taken by the reader as the
-/// reply arrives so that the next spare's report cannot replace it), and where its exit status
-/// will arrive.
-type LaunchReply = Result<(u32, Option<Option<SpareCgroup>>, oneshot::Receiver<i32>), String>;
+/// The forked pid and where its exit status will arrive.
+type LaunchReply = Result<(u32, oneshot::Receiver<i32>), String>;
+
+/// The template's current spare, as the host holds it: the host hands it its request directly.
+#[derive(Debug)]
+struct Spare {
+    pid: u32,
+    /// The host's copy of the spare's socket.
+    sock: OwnedFd,
+    /// The cgroup being made for the spare and the spare moved in (policies with cgroups).
+    cgroup: Option<SpareCgroup>,
+}
 
 /// A fork server for one pool configuration. Implements [`Launcher`]; pass it to
 /// [`capsule_session::Session::start_with`].
@@ -135,8 +143,8 @@ struct Template {
     stamp: u64,
     /// Pid of its current spare (0: none known).
     spare: std::sync::atomic::AtomicU32,
-    /// The cgroup being made for (and joined by) the current spare, by its pid.
-    spare_cgroup: Mutex<Option<(u32, SpareCgroup)>>,
+    /// The current spare, until a launch takes it.
+    spare_slot: Mutex<Option<Spare>>,
     sock: OwnedFd,
     alive: AtomicBool,
     next_id: AtomicU64,
@@ -149,6 +157,10 @@ impl Template {
     /// Marks the template dead and kills it; the workers it forked live on.
     fn retire(&self) {
         self.alive.store(false, Ordering::Release);
+        // Its spare would hand out what the template imported: drop it (it exits on EOF, or is
+        // killed with its cgroup).
+        lock(&self.spare_slot).take();
+        self.spare.store(0, Ordering::Relaxed);
         if let Some(mut child) = lock(&self.child).take() {
             let _ = child.start_kill();
         }
@@ -402,7 +414,7 @@ impl ForkServer {
             pid,
             stamp,
             spare: std::sync::atomic::AtomicU32::new(0),
-            spare_cgroup: Mutex::new(None),
+            spare_slot: Mutex::new(None),
             sock: host,
             alive: AtomicBool::new(true),
             next_id: AtomicU64::new(1),
@@ -442,8 +454,6 @@ impl ForkServer {
         let plan: serde_json::Value = serde_json::from_str(&req.sandbox.json)
             .map_err(|e| other(format!("the sandbox plan is not JSON: {e}")))?;
         let id = t.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        lock(&t.pending).insert(id, tx);
         let msg = serde_json::json!({
             "id": id,
             "scratch": req.scratch.to_string_lossy(),
@@ -456,30 +466,64 @@ impl ForkServer {
         let mut fds: Vec<RawFd> = req.fds.to_vec();
         fds.extend(req.sandbox.fds.iter().map(|f| f.as_raw_fd()));
         let cmsg = [ControlMessage::ScmRights(&fds)];
-        if let Err(e) = sendmsg::<()>(
-            t.sock.as_raw_fd(),
-            &iov,
-            &cmsg,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
-            lock(&t.pending).remove(&id);
-            return Err(std::io::Error::from(e));
-        }
-        let reply = tokio::time::timeout(self.start_timeout, rx)
-            .await
-            .map_err(|_| other("the fork-server template did not answer"))?
-            .map_err(|_| other("the fork-server template died"))?;
-        let (pid, spare, exit_rx) = reply.map_err(other)?;
-        self.forks.fetch_add(1, Ordering::Relaxed);
-        let mut cgroup = None;
-        if let Some(task) = spare {
-            self.spare_hits.fetch_add(1, Ordering::Relaxed);
-            if let Some(task) = task {
-                // Usually done long ago; otherwise its move is already under way.
-                cgroup = task.await.ok().flatten();
+        // The spare first: the request goes to it directly, and its pid is known already.
+        let spare = lock(&t.spare_slot).take();
+        let mut launched = None;
+        if let Some(sp) = spare {
+            let _ = t
+                .spare
+                .compare_exchange(sp.pid, 0, Ordering::Relaxed, Ordering::Relaxed);
+            // Registered before the request goes out, so the exit report (which can only come
+            // after the spare got it and died) always finds its slot.
+            let (etx, erx) = oneshot::channel();
+            lock(&t.exits).insert(sp.pid, etx);
+            match sendmsg::<()>(
+                sp.sock.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+                None,
+            ) {
+                Ok(_) => {
+                    self.spare_hits.fetch_add(1, Ordering::Relaxed);
+                    let cgroup = match sp.cgroup {
+                        // Usually done long ago; otherwise its move is already under way.
+                        Some(task) => task.await.ok().flatten(),
+                        None => None,
+                    };
+                    launched = Some((sp.pid, erx, cgroup));
+                }
+                Err(e) => {
+                    // The spare is gone (its exit is reported and ignored): fork on demand.
+                    lock(&t.exits).remove(&sp.pid);
+                    tracing::debug!(spare = sp.pid, error = %e, "the spare did not take the request");
+                }
             }
         }
+        let (pid, exit_rx, cgroup) = match launched {
+            Some(l) => l,
+            None => {
+                let (tx, rx) = oneshot::channel();
+                lock(&t.pending).insert(id, tx);
+                if let Err(e) = sendmsg::<()>(
+                    t.sock.as_raw_fd(),
+                    &iov,
+                    &cmsg,
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                ) {
+                    lock(&t.pending).remove(&id);
+                    return Err(std::io::Error::from(e));
+                }
+                let reply = tokio::time::timeout(self.start_timeout, rx)
+                    .await
+                    .map_err(|_| other("the fork-server template did not answer"))?
+                    .map_err(|_| other("the fork-server template died"))?;
+                let (pid, exit_rx) = reply.map_err(other)?;
+                (pid, exit_rx, None)
+            }
+        };
+        self.forks.fetch_add(1, Ordering::Relaxed);
         lock(&self.forked).insert(pid);
         let exit: ExitFuture = Box::pin(async move {
             match exit_rx.await {
@@ -551,6 +595,31 @@ impl Launcher for ForkServer {
     }
 }
 
+/// One `recvmsg` on a `SOCK_SEQPACKET` socket: the message's length and the descriptors it
+/// carried (close-on-exec).
+fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut fds = Vec::new();
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: descriptors just received by this process; nobody else owns them.
+                fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
 /// The single reader of a template's socket.
 async fn reader(
     t: Arc<Template>,
@@ -570,21 +639,14 @@ async fn reader(
     };
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match afd
+        let (n, mut fds) = match afd
             .async_io(Interest::READABLE, |fd| {
-                // SAFETY: reading into a buffer of the given length from a descriptor we own.
-                let n =
-                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
+                recv_with_fds(fd.as_raw_fd(), &mut buf)
             })
             .await
         {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+            Ok((0, _)) | Err(_) => break,
+            Ok(got) => got,
         };
         let Ok(msg) = serde_json::from_slice::<serde_json::Value>(&buf[..n]) else {
             tracing::warn!(
@@ -612,7 +674,10 @@ async fn reader(
         } else if let (None, Some(pid)) = (msg.get("id"), msg.get("spare").and_then(|p| p.as_u64()))
         {
             let pid = pid as u32;
-            t.spare.store(pid, Ordering::Relaxed);
+            let Some(sock) = fds.pop() else {
+                tracing::warn!(template = t.pid, "a spare reported without its socket");
+                continue;
+            };
             // Move the spare into a cgroup of its own now, off any session's start. The
             // previous spare's entry (used or dead) is dropped with it.
             let policy = policy.clone();
@@ -633,7 +698,12 @@ async fn reader(
                     }
                 }
             });
-            *lock(&t.spare_cgroup) = Some((pid, task));
+            *lock(&t.spare_slot) = Some(Spare {
+                pid,
+                sock,
+                cgroup: Some(task),
+            });
+            t.spare.store(pid, Ordering::Relaxed);
         } else if let Some(id) = msg.get("id").and_then(|i| i.as_u64()) {
             let Some(tx) = lock(&t.pending).remove(&id) else {
                 continue;
@@ -645,22 +715,7 @@ async fn reader(
                     // template can only send after this reply) always finds its slot.
                     let (etx, erx) = oneshot::channel();
                     lock(&t.exits).insert(pid, etx);
-                    let from_spare = msg.get("spare").and_then(|s| s.as_bool()) == Some(true);
-                    let spare = from_spare.then(|| {
-                        // Used: until the template reports its successor, there is none.
-                        let _ =
-                            t.spare
-                                .compare_exchange(pid, 0, Ordering::Relaxed, Ordering::Relaxed);
-                        let mut slot = lock(&t.spare_cgroup);
-                        match slot.take() {
-                            Some((p, task)) if p == pid => Some(task),
-                            other => {
-                                *slot = other;
-                                None
-                            }
-                        }
-                    });
-                    Ok((pid, spare, erx))
+                    Ok((pid, erx))
                 }
                 None => Err(msg
                     .get("error")
@@ -673,6 +728,8 @@ async fn reader(
         changed.send_modify(|n| *n += 1);
     }
     t.alive.store(false, Ordering::Release);
+    lock(&t.spare_slot).take();
+    t.spare.store(0, Ordering::Relaxed);
     lock(&t.pending).clear();
     lock(&t.exits).clear();
     changed.send_modify(|n| *n += 1);

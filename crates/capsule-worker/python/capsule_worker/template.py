@@ -16,19 +16,21 @@ a time on
   a spawned one (its own namespaces, Landlock domain, seccomp filter, rlimits, identity; the
   host moves it into its own cgroup by pid). A required layer that fails ends the child with
   status 71 before it says hello.
-* template -> host: ``{"id": N, "pid": P, "spare": BOOL}`` or ``{"id": N, "error": MSG}`` per
-  request, ``{"exit": P, "status": RAW_WAIT_STATUS}`` when a forked worker ends (the worker is
-  the template's child, so the template reaps it and reports the real status), and
-  ``{"spare": P}`` when it forked a new spare (see below).
+* template -> host: ``{"id": N, "pid": P}`` or ``{"id": N, "error": MSG}`` per request,
+  ``{"exit": P, "status": RAW_WAIT_STATUS}`` when a child ends (workers are the template's
+  children, so the template reaps them and reports the real status), and ``{"spare": P}`` with
+  one descriptor, the spare's socket, when it forked a new spare (see below).
+* host -> spare (on that socket): the same request as above, with the same descriptors.
 
 **Spare.** ``fork()`` of a warm interpreter and the child's first steps cost milliseconds, so
 they are done ahead of time: the template keeps one *spare*, a child forked in advance that has
-already dropped the template's descriptors and waits on a socket of its own. A request is
-forwarded to the spare (``SCM_RIGHTS`` again) and answered with the spare's pid at once; the
-next spare is forked once the used one has finished its own set-up (it closes its socket then),
-so the fork does not compete with that start for the CPU. Without a spare (the first request, or
-the spare died) the template forks on the spot. Only the template's socket reader (this loop)
-talks to the spare; a spare whose template dies sees EOF on its socket and exits.
+already dropped the template's descriptors, rehearsed the start-up, and waits on a socket of its
+own. The host gets a copy of that socket with the spare's pid and hands its next request to
+the spare directly: no template hop, no reply to wait for. The template keeps its copy only to
+see the spare finish its set-up (the spare closes its end then: EOF), and forks the next spare
+at that point, so the fork does not compete with that start for the CPU. A request that reaches
+the template (the host had no spare) is forked on the spot. A spare whose template and host
+are gone sees EOF on its socket and exits.
 
 Forking is refused (``error``) unless the template has exactly one thread: modules that start
 threads at import make a template unsafe to fork; the host then falls back to a plain spawn.
@@ -192,8 +194,8 @@ def _fork_now(fds, req):
 
 
 def _fork_spare(host):
-    """Fork a spare: a child that waits for its request on a socket of its own. Tells the
-    host its pid. Returns ``(pid, template_end)``."""
+    """Fork a spare: a child that waits for its request on a socket of its own. Sends the host
+    its pid and a copy of that socket. Returns ``(pid, template_end)``."""
     import socket
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -218,7 +220,10 @@ def _fork_spare(host):
         import json
         _worker(fds, json.loads(msg), started=theirs)
     theirs.close()
-    _send(host, {"spare": pid})
+    # The host gets its own copy of the spare's socket and hands requests to the spare
+    # directly; the template keeps one only to see the spare finish (EOF).
+    import json
+    socket.send_fds(host, [json.dumps({"spare": pid}).encode()], [mine.fileno()])
     return pid, mine
 
 
@@ -262,18 +267,18 @@ def template_main():
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     _send(sock, {"ready": os.getpid(), "threads": _threads(), "failed": failed})
-    spare = None  # (pid, socket) of the pre-forked child, if any
-    starting = None  # socket of the spare last handed a request, until it finished its set-up
+    spare = None  # (pid, socket) of the pre-forked child the host may hand a request to
     if _threads() == 1:
         spare = _fork_spare(sock)
     while True:
-        watch = [sock, wake_r] if starting is None else [sock, wake_r, starting]
+        watch = [sock, wake_r] if spare is None else [sock, wake_r, spare[1]]
         readable, _, _ = select.select(watch, [], [])
-        if starting is not None and starting in readable:
-            # EOF (or data, which never comes): the spare's own set-up is over.
-            starting.close()
-            starting = None
-            if spare is None and _threads() == 1:
+        if spare is not None and spare[1] in readable:
+            # EOF: the spare finished its set-up after the host handed it a request (or it
+            # died). Either way it is no longer the spare: fork the next one.
+            spare[1].close()
+            spare = None
+            if _threads() == 1:
                 spare = _fork_spare(sock)
         if wake_r in readable:
             try:
@@ -288,10 +293,8 @@ def template_main():
                     break
                 if pid == 0:
                     break
-                if spare is not None and pid == spare[0]:
-                    spare[1].close()  # a spare died before it was used: never reported
-                    spare = None
-                    continue
+                # Every child is reported, an unused spare included (the host ignores pids it
+                # never launched).
                 _send(sock, {"exit": pid, "status": status})
         if sock in readable:
             try:
@@ -310,23 +313,9 @@ def template_main():
                     "template has %d threads; forking it is unsafe" % n)
                 _send(sock, {"id": req.get("id"), "error": why})
                 continue
-            pid = spare_used = None
-            if spare is not None:
-                spare_pid, spare_sock = spare
-                spare = None
-                try:
-                    socket.send_fds(spare_sock, [msg], fds)
-                    pid = spare_used = spare_pid
-                except OSError:
-                    spare_sock.close()  # the spare died; its exit is reaped (not reported)
-                else:
-                    if starting is not None:
-                        starting.close()
-                    starting = spare_sock
-            if pid is None:
-                pid = _fork_now(fds, req)
+            # The host had no spare to hand this to: fork on the spot. (The spare is the
+            # host's alone; forwarding to it here could hand it two requests.)
+            pid = _fork_now(fds, req)
             for fd in fds:
                 os.close(fd)
-            _send(sock, {"id": req.get("id"), "pid": pid, "spare": starting is not None and pid == spare_used})
-            if spare is None and starting is None and _threads() == 1:
-                spare = _fork_spare(sock)
+            _send(sock, {"id": req.get("id"), "pid": pid})
