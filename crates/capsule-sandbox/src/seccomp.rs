@@ -118,8 +118,21 @@ fn target_arch() -> Result<TargetArch, SandboxError> {
 }
 
 /// Compile the filters (applied in order in the child). `deny_inet`: deny every socket family
-/// but `AF_UNIX` (the network policy is `none`).
+/// but `AF_UNIX` (the network policy is `none`). The programs depend only on `deny_inet` and the
+/// architecture, so each variant is compiled once per process (≈ 0.1 ms saved per worker).
 pub fn compile(deny_inet: bool) -> Result<Vec<BpfProgram>, SandboxError> {
+    static CACHE: [std::sync::OnceLock<Result<Vec<BpfProgram>, String>>; 2] =
+        [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    CACHE[usize::from(deny_inet)]
+        .get_or_init(|| compile_uncached(deny_inet).map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|reason| SandboxError::Setup {
+            layer: "seccomp",
+            reason,
+        })
+}
+
+fn compile_uncached(deny_inet: bool) -> Result<Vec<BpfProgram>, SandboxError> {
     use SeccompCmpArgLen::{Dword, Qword};
     let arch = target_arch()?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -224,6 +237,18 @@ mod tests {
         }
         let without_net = compile(false).expect("compile");
         assert!(without_net[0].len() < progs[0].len());
+        // Cached per variant: the same programs again, and the same as a fresh compile.
+        let fresh = compile_uncached(true).expect("compile");
+        let again = compile(true).expect("compile");
+        assert_eq!(again.len(), fresh.len());
+        for (a, b) in again.iter().zip(&fresh) {
+            let raw = |p: &BpfProgram| {
+                p.iter()
+                    .map(|i| (i.code, i.jt, i.jf, i.k))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(raw(a), raw(b));
+        }
     }
 
     #[test]
