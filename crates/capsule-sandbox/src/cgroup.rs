@@ -185,8 +185,18 @@ impl WorkerCgroup {
         }
         let mut all_gone = true;
         for d in dirs {
-            kill_members(d, self.v2);
-            if let Err(e) = fs::remove_dir(d) {
+            let killed = kill_members(d, self.v2);
+            let mut result = fs::remove_dir(d);
+            if result
+                .as_ref()
+                .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
+            {
+                // A process just killed leaves its cgroup only once it has exited: wait for
+                // those (briefly, bounded), then try once more.
+                await_exits(&killed, 100);
+                result = fs::remove_dir(d);
+            }
+            if let Err(e) = result {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     all_gone = false;
                     tracing::debug!(dir = %d.display(), error = %e, "cgroup still busy; left for the next sweep");
@@ -197,14 +207,43 @@ impl WorkerCgroup {
     }
 }
 
-fn kill_members(dir: &Path, v2: bool) {
+/// Kills every process in the cgroup; returns the pids it signalled (empty with `cgroup.kill`).
+fn kill_members(dir: &Path, v2: bool) -> Vec<i32> {
     if v2 && fs::write(dir.join("cgroup.kill"), "1").is_ok() {
-        return;
+        return Vec::new();
     }
     let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+    let pids: Vec<i32> = procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .collect();
+    for pid in &pids {
         // SAFETY: kill(2) of a pid listed in our own worker cgroup.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    pids
+}
+
+/// Waits until each of `pids` has exited, at most `budget_ms` in all (pidfd + poll).
+fn await_exits(pids: &[i32], budget_ms: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(budget_ms as u64);
+    for pid in pids {
+        // SAFETY: pidfd_open returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, *pid, 0) } as i32;
+        if fd < 0 {
+            continue; // already gone (ESRCH)
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on a descriptor we own, then close it.
+        unsafe {
+            libc::poll(&mut p, 1, left.as_millis() as i32);
+            libc::close(fd);
+        }
     }
 }
 
