@@ -116,6 +116,19 @@ impl Default for PoolConfig {
     }
 }
 
+/// `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`.
+fn parse_flag(key: &'static str, value: String) -> Result<bool, ConfigError> {
+    match value.trim() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::Invalid {
+            key,
+            value,
+            reason: "expected 0 or 1".into(),
+        }),
+    }
+}
+
 fn parse_num<T: std::str::FromStr>(key: &'static str, value: &str) -> Result<T, ConfigError>
 where
     T::Err: fmt::Display,
@@ -208,30 +221,10 @@ impl PoolConfig {
                 Duration::from_millis(parse_num("CAPSULE_POOL_BREAKER_MAX_MS", &v)?);
         }
         if let Some(v) = get("CAPSULE_POOL_FORK_SPAWN_WHILE_WARMING") {
-            self.spawn_while_warming = match v.trim() {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => {
-                    return Err(ConfigError::Invalid {
-                        key: "CAPSULE_POOL_FORK_SPAWN_WHILE_WARMING",
-                        value: v,
-                        reason: "expected 0 or 1".into(),
-                    })
-                }
-            };
+            self.spawn_while_warming = parse_flag("CAPSULE_POOL_FORK_SPAWN_WHILE_WARMING", v)?;
         }
         if let Some(v) = get("CAPSULE_POOL_FORK") {
-            self.fork_server = match v.trim() {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => {
-                    return Err(ConfigError::Invalid {
-                        key: "CAPSULE_POOL_FORK",
-                        value: v,
-                        reason: "expected 0 or 1".into(),
-                    })
-                }
-            };
+            self.fork_server = parse_flag("CAPSULE_POOL_FORK", v)?;
         }
         if let Some(v) = get("CAPSULE_POOL_HEALTH_MS") {
             self.health_interval = Duration::from_millis(parse_num("CAPSULE_POOL_HEALTH_MS", &v)?);
@@ -334,8 +327,12 @@ mod tests {
                 ("CAPSULE_POOL_REUSE", "replace"),
                 ("CAPSULE_POOL_WARM_IMPORTS", "json, decimal,,sqlite3"),
                 ("CAPSULE_POOL_RSS_BUDGET", "1000000"),
+                ("CAPSULE_POOL_FORK", "on"),
+                ("CAPSULE_POOL_FORK_SPAWN_WHILE_WARMING", " 0 "),
             ]))
             .expect("valid");
+        assert!(c.fork_server);
+        assert!(!c.spawn_while_warming);
         assert_eq!((c.min_idle, c.max_sessions), (2, 4));
         assert_eq!(c.idle_timeout, None);
         assert_eq!(c.reuse, Reuse::Replace);
@@ -357,6 +354,14 @@ mod tests {
             .with_env(env(&[("CAPSULE_POOL_REUSE", "sometimes")]))
             .expect_err("bad reuse");
         assert!(e.to_string().contains("CAPSULE_POOL_REUSE"), "{e}");
+        let e = PoolConfig::default()
+            .with_env(env(&[("CAPSULE_POOL_FORK_SPAWN_WHILE_WARMING", "maybe")]))
+            .expect_err("bad flag");
+        assert!(
+            e.to_string()
+                .contains("CAPSULE_POOL_FORK_SPAWN_WHILE_WARMING"),
+            "{e}"
+        );
     }
 
     #[test]
