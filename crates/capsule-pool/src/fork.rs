@@ -58,6 +58,10 @@ type SpareCgroup = tokio::task::JoinHandle<Option<capsule_sandbox::PreparedCgrou
 /// The forked pid and where its exit status will arrive.
 type LaunchReply = Result<(u32, oneshot::Receiver<i32>), String>;
 
+/// How long spawn-while-warming waits after a failed background template build before it
+/// starts another (launches spawn meanwhile).
+const REBUILD_BACKOFF: Duration = Duration::from_secs(5);
+
 /// The template's current spare, as the host holds it: the host hands it its request directly.
 #[derive(Debug)]
 struct Spare {
@@ -102,6 +106,10 @@ pub struct ForkServer {
     spawn_while_warming: AtomicBool,
     /// A background template build is under way (spawn-while-warming mode).
     warming: AtomicBool,
+    /// When the last background build failed: no new one is started for
+    /// [`REBUILD_BACKOFF`] after it, so a template that cannot start is not retried on every
+    /// launch.
+    build_failed_at: Mutex<Option<std::time::Instant>>,
     /// Itself, for the background build task.
     me: std::sync::Weak<ForkServer>,
     disabled: Mutex<Option<String>>,
@@ -192,6 +200,7 @@ impl ForkServer {
             warming_spawns: AtomicU64::new(0),
             spawn_while_warming: AtomicBool::new(false),
             warming: AtomicBool::new(false),
+            build_failed_at: Mutex::new(None),
             python: interp.executable.clone(),
             bootstrap: format!(
                 "import sys; sys.path.insert(0, {literal}); import capsule_worker; capsule_worker.template_main()"
@@ -557,11 +566,17 @@ impl Launcher for ForkServer {
     ) -> Pin<Box<dyn Future<Output = std::io::Result<Launched>> + Send + 'a>> {
         Box::pin(async move {
             if self.spawn_while_warming.load(Ordering::Relaxed) && !self.has_live_template() {
-                if lock(&self.disabled).is_none() && !self.warming.swap(true, Ordering::AcqRel) {
+                let backing_off =
+                    lock(&self.build_failed_at).is_some_and(|t| t.elapsed() < REBUILD_BACKOFF);
+                if lock(&self.disabled).is_none()
+                    && !backing_off
+                    && !self.warming.swap(true, Ordering::AcqRel)
+                {
                     if let Some(me) = self.me.upgrade() {
                         tokio::spawn(async move {
                             if let Err(e) = me.template().await {
                                 tracing::debug!(error = %e, "fork-server template build failed");
+                                *lock(&me.build_failed_at) = Some(std::time::Instant::now());
                             }
                             me.warming.store(false, Ordering::Release);
                             me.changed.send_modify(|n| *n += 1);

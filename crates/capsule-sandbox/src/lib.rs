@@ -900,6 +900,22 @@ impl Prepared {
             }
             own.remove();
         }
+        if let Some(l) = self.layers.iter_mut().find(|l| l.name == "cgroup") {
+            if l.state != LayerState::Active {
+                // This worker's own cgroup could not be made, but it sits in one with the
+                // policy's limits all the same.
+                l.state = LayerState::Active;
+                l.detail = format!(
+                    "{} (made ahead for the worker)",
+                    [&new.memory_dir, &new.pids_dir]
+                        .into_iter()
+                        .flatten()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
         self.baseline = new.events();
         self.cgroup = Some(new);
     }
