@@ -66,6 +66,8 @@ const REBUILD_BACKOFF: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 struct Spare {
     pid: u32,
+    /// It applies the policy-level sandbox plan while it waits.
+    preapplied: bool,
     /// The host's copy of the spare's socket.
     sock: OwnedFd,
     /// The cgroup being made for the spare and the spare moved in (policies with cgroups).
@@ -100,6 +102,7 @@ pub struct ForkServer {
     forks: AtomicU64,
     failures: AtomicU64,
     spare_hits: AtomicU64,
+    preapplied_hits: AtomicU64,
     /// Launches answered "spawn instead" because the template was still starting.
     warming_spawns: AtomicU64,
     /// See [`ForkServer::set_spawn_while_warming`].
@@ -140,6 +143,11 @@ pub struct ForkInfo {
     pub spare_hits: u64,
     /// Pid of the template's current spare: a child forked ahead of the next request.
     pub spare_pid: Option<u32>,
+    /// Workers that were spares which had applied the policy-level sandbox plan ahead (only
+    /// Landlock was left for their request).
+    pub preapplied_hits: u64,
+    /// Whether the current spare applies the policy-level sandbox plan ahead.
+    pub spare_preapplied: bool,
     /// Sessions spawned instead because the template was still starting.
     pub warming_spawns: u64,
 }
@@ -153,6 +161,8 @@ struct Template {
     spare: std::sync::atomic::AtomicU32,
     /// The current spare, until a launch takes it.
     spare_slot: Mutex<Option<Spare>>,
+    /// The policy-level sandbox plan was sent (spares forked after it apply it while they wait).
+    plan_sent: AtomicBool,
     sock: OwnedFd,
     alive: AtomicBool,
     next_id: AtomicU64,
@@ -232,6 +242,7 @@ impl ForkServer {
             forks: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             spare_hits: AtomicU64::new(0),
+            preapplied_hits: AtomicU64::new(0),
             changed: tokio::sync::watch::Sender::new(0),
             disabled: Mutex::new(None),
         }
@@ -276,6 +287,12 @@ impl ForkServer {
             forks: self.forks.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             spare_hits: self.spare_hits.load(Ordering::Relaxed),
+            preapplied_hits: self.preapplied_hits.load(Ordering::Relaxed),
+            spare_preapplied: live.is_some()
+                && lock(&self.current)
+                    .as_ref()
+                    .and_then(|t| lock(&t.spare_slot).as_ref().map(|sp| sp.preapplied))
+                    .unwrap_or(false),
             spare_pid: live.and_then(|(_, spare)| (spare != 0).then_some(spare)),
             warming_spawns: self.warming_spawns.load(Ordering::Relaxed),
         }
@@ -424,6 +441,7 @@ impl ForkServer {
             stamp,
             spare: std::sync::atomic::AtomicU32::new(0),
             spare_slot: Mutex::new(None),
+            plan_sent: AtomicBool::new(false),
             sock: host,
             alive: AtomicBool::new(true),
             next_id: AtomicU64::new(1),
@@ -462,6 +480,28 @@ impl ForkServer {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
         let plan: serde_json::Value = serde_json::from_str(&req.sandbox.json)
             .map_err(|e| other(format!("the sandbox plan is not JSON: {e}")))?;
+        if !t.plan_sent.swap(true, Ordering::AcqRel) {
+            // Once per template: the policy-level part of the plan (the same for every session
+            // of this fork server), for its next spares to apply while they wait.
+            let mut policy = plan.clone();
+            if let Some(o) = policy.as_object_mut() {
+                o.remove("landlock");
+                o.remove("report");
+            }
+            let note = serde_json::json!({ "spare_plan": policy }).to_string();
+            match nix::sys::socket::send(
+                t.sock.as_raw_fd(),
+                note.as_bytes(),
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            ) {
+                // The template replaces its current spare (which applies nothing ahead) with
+                // one that does: give up ours, so the old one sees EOF and exits.
+                Ok(_) => drop(lock(&t.spare_slot).take()),
+                Err(e) => {
+                    tracing::debug!(template = t.pid, error = %e, "could not send the spare plan")
+                }
+            }
+        }
         let id = t.next_id.fetch_add(1, Ordering::Relaxed);
         let msg = serde_json::json!({
             "id": id,
@@ -495,6 +535,9 @@ impl ForkServer {
             ) {
                 Ok(_) => {
                     self.spare_hits.fetch_add(1, Ordering::Relaxed);
+                    if sp.preapplied {
+                        self.preapplied_hits.fetch_add(1, Ordering::Relaxed);
+                    }
                     let cgroup = match sp.cgroup {
                         // Usually done long ago; otherwise its move is already under way.
                         Some(task) => task.await.ok().flatten(),
@@ -715,6 +758,7 @@ async fn reader(
             });
             *lock(&t.spare_slot) = Some(Spare {
                 pid,
+                preapplied: msg.get("preapplied").and_then(|p| p.as_bool()) == Some(true),
                 sock,
                 cgroup: Some(task),
             });

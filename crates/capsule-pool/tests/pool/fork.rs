@@ -202,15 +202,60 @@ async fn workers_come_from_the_spare_and_a_dead_spare_is_replaced() {
     };
 
     let first = forked_session(&cfg, &fork).await;
-    let info = guard("a spare", fork.wait_until(|i| i.spare_pid.is_some())).await;
+    // The first launch gave the template the policy-level plan: the spare after it applies
+    // that while it waits, leaving only Landlock for its request.
+    let info = guard(
+        "a spare that applied the plan ahead",
+        fork.wait_until(|i| i.spare_pid.is_some() && i.spare_preapplied),
+    )
+    .await;
     let spare = info.spare_pid.expect("spare pid");
     // The next worker is that spare.
     let second = forked_session(&cfg, &fork).await;
     let si = second.info().await.expect("info");
     assert_eq!(si.pid, Some(spare));
     assert!(confined(&si), "{:?}", si.sandbox);
-    assert_eq!(fork.info().spare_hits, 1 + info.spare_hits);
+    let after = fork.info();
+    assert_eq!(after.spare_hits, 1 + info.spare_hits);
+    assert_eq!(after.preapplied_hits, 1 + info.preapplied_hits);
     assert_eq!(ok(&second, "6 * 7").await, "42");
+    // Its layers are really there, the ones applied ahead and the one applied at the request.
+    let status = std::fs::read_to_string(format!("/proc/{spare}/status")).expect("status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["NoNewPrivs:", "1"]),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
+        "{status}"
+    );
+    let template = info.template_pid.expect("template");
+    for kind in ["user", "net", "mnt"] {
+        let link = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).expect("ns");
+        assert_ne!(
+            link(spare),
+            link(template),
+            "{kind} namespace shared with the template"
+        );
+    }
+    let denied = ok(
+        &second,
+        "import os\ndef _t(f):\n    try:\n        f()\n        return 'ALLOWED'\n    except OSError as e:\n        return type(e).__name__\n[_t(lambda: open('/etc/shadow').read()), _t(lambda: open('/tmp/capsule-preapply-probe', 'w')), _t(lambda: os.kill(1, 0)), _t(lambda: __import__('socket').socket(2, 1))]",
+    )
+    .await;
+    assert!(!denied.contains("ALLOWED"), "{denied}");
+    assert_eq!(
+        ok(
+            &second,
+            "open('mine.txt', 'w').write('ok'); open('mine.txt').read()"
+        )
+        .await,
+        "'ok'"
+    );
     // The spare was moved into a cgroup of its own while it waited; the session adopted that
     // one: the kernel's view and the session's report agree, and it is removed at the end.
     let cgroup_dirs = |pid: u32| -> Vec<std::path::PathBuf> {

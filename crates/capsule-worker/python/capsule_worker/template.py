@@ -19,8 +19,14 @@ a time on
 * template -> host: ``{"id": N, "pid": P}`` or ``{"id": N, "error": MSG}`` per request,
   ``{"exit": P, "status": RAW_WAIT_STATUS}`` when a child ends (workers are the template's
   children, so the template reaps them and reports the real status), and ``{"spare": P}`` with
-  one descriptor, the spare's socket, when it forked a new spare (see below).
+  one descriptor, the spare's socket, when it forked a new spare (see below; ``"preapplied"``
+  says whether it applies the policy-level sandbox plan ahead).
 * host -> spare (on that socket): the same request as above, with the same descriptors.
+* host -> template, once: ``{"spare_plan": PLAN}``, the policy-level part of the sessions'
+  sandbox plan (all but the Landlock ruleset and the report pipe). Spares forked after it apply
+  it while they wait (``confine.preapply``) and only Landlock at the request
+  (``confine.finish``); a spare that fails a required step with it says ``F`` on its socket and
+  exits, and later spares apply the whole plan at the request again.
 
 **Spare.** ``fork()`` of a warm interpreter and the child's first steps cost milliseconds, so
 they are done ahead of time: the template keeps one *spare*, a child forked in advance that has
@@ -82,10 +88,11 @@ def _become_child():
     os.setsid()
 
 
-def _worker(fds, req, started=None):
+def _worker(fds, req, started=None, applied=None):
     """In a forked child: become a worker on fds 1-8 and never return. ``started`` (a spare's
     socket) is closed once the worker's own set-up is done, telling the template it may fork
-    the next spare without competing with this start for the CPU."""
+    the next spare without competing with this start for the CPU. ``applied``: what a spare
+    applied of the sandbox plan ahead of time (``confine.preapply``)."""
     try:
         import fcntl
         targets = (3, 4, 5, 6, 7, 8, 1, 2)
@@ -100,12 +107,17 @@ def _worker(fds, req, started=None):
             os.close(fd)
         extra = high[len(targets):]
         plan = req.get("confine")
-        if plan:
+        if plan or applied is not None:
             from capsule_worker import confine
             try:
-                confine.apply(plan, extra)
+                if applied is not None:
+                    confine.finish(applied, plan or {}, extra)
+                else:
+                    confine.apply(plan, extra)
             except confine.Fatal:
                 os._exit(71)
+            except (confine.Mismatch, ValueError, KeyError):
+                os._exit(72)
         for fd in extra:
             os.close(fd)
         os.chdir(req["scratch"])
@@ -193,9 +205,11 @@ def _fork_now(fds, req):
     return pid
 
 
-def _fork_spare(host):
+def _fork_spare(host, preplan=None):
     """Fork a spare: a child that waits for its request on a socket of its own. Sends the host
-    its pid and a copy of that socket. Returns ``(pid, template_end)``."""
+    its pid and a copy of that socket. With ``preplan`` (the policy-level part of the sessions'
+    sandbox plan) the spare applies it while it waits; if a required step fails it says ``F``
+    on its socket and exits 71. Returns ``(pid, template_end)``."""
     import socket
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -208,6 +222,16 @@ def _fork_spare(host):
             theirs.close()
             theirs = socket.socket(fileno=high)
             _drop_template_fds({0, 1, 2, high})
+            applied = None
+            if preplan is not None:
+                from capsule_worker import confine
+                try:
+                    applied = confine.preapply(preplan)
+                except BaseException:  # noqa: BLE001 - Fatal, or a plan this runtime cannot read
+                    try:
+                        theirs.send(b"F")
+                    finally:
+                        os._exit(71)
             try:
                 _rehearse()
             except Exception:  # noqa: BLE001 - an optimisation only
@@ -218,12 +242,13 @@ def _fork_spare(host):
         if not msg:
             os._exit(0)  # the template is gone (or retired this spare)
         import json
-        _worker(fds, json.loads(msg), started=theirs)
+        _worker(fds, json.loads(msg), started=theirs, applied=applied)
     theirs.close()
     # The host gets its own copy of the spare's socket and hands requests to the spare
     # directly; the template keeps one only to see the spare finish (EOF).
     import json
-    socket.send_fds(host, [json.dumps({"spare": pid}).encode()], [mine.fileno()])
+    socket.send_fds(host, [json.dumps({"spare": pid, "preapplied": preplan is not None}).encode()],
+                    [mine.fileno()])
     return pid, mine
 
 
@@ -268,18 +293,15 @@ def template_main():
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     _send(sock, {"ready": os.getpid(), "threads": _threads(), "failed": failed})
     spare = None  # (pid, socket) of the pre-forked child the host may hand a request to
+    # The policy-level sandbox plan spares apply while they wait (sent by the host once);
+    # dropped for good if a spare fails a required step with it.
+    preplan = None
+    preplan_broken = False
     if _threads() == 1:
         spare = _fork_spare(sock)
     while True:
         watch = [sock, wake_r] if spare is None else [sock, wake_r, spare[1]]
         readable, _, _ = select.select(watch, [], [])
-        if spare is not None and spare[1] in readable:
-            # EOF: the spare finished its set-up after the host handed it a request (or it
-            # died). Either way it is no longer the spare: fork the next one.
-            spare[1].close()
-            spare = None
-            if _threads() == 1:
-                spare = _fork_spare(sock)
         if wake_r in readable:
             try:
                 while os.read(wake_r, 4096):
@@ -304,6 +326,19 @@ def template_main():
             if not msg:
                 os._exit(0)  # the host closed its end
             req = json.loads(msg)
+            if "spare_plan" in req:
+                for fd in fds:
+                    os.close(fd)
+                if not preplan_broken:
+                    preplan = req["spare_plan"]
+                    # The current spare applies nothing ahead: replace it now. The host dropped
+                    # its copy of that spare's socket when it sent the plan, so once ours is
+                    # closed the spare sees EOF and exits (unless a request reached it first:
+                    # then it is a worker already).
+                    if spare is not None and _threads() == 1:
+                        spare[1].close()
+                        spare = _fork_spare(sock, preplan)
+                continue
             n = _threads()
             want = 8 + (req.get("confine_fds") or 0)
             if len(fds) != want or n != 1:
@@ -319,3 +354,18 @@ def template_main():
             for fd in fds:
                 os.close(fd)
             _send(sock, {"id": req.get("id"), "pid": pid})
+        if spare is not None and spare[1] in readable:
+            # (After the host's messages, so a spare plan that came with them is used.)
+            # EOF: the spare finished its set-up after the host handed it a request (or it
+            # died). Either way it is no longer the spare: fork the next one. "F" first: it
+            # could not apply the plan ahead; later spares apply it at the request instead.
+            try:
+                if spare[1].recv(16, socket.MSG_DONTWAIT) == b"F":
+                    preplan = None
+                    preplan_broken = True
+            except OSError:
+                pass
+            spare[1].close()
+            spare = None
+            if _threads() == 1:
+                spare = _fork_spare(sock, preplan)

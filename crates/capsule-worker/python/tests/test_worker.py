@@ -539,3 +539,49 @@ class Confine(unittest.TestCase):
         code, records = self.in_child(plan, lambda: True)
         self.assertEqual(code, 0)
         self.assertEqual(records, [(4, 0, errno.EINVAL)])
+
+    def test_a_plan_applied_ahead_reports_at_the_request(self):
+        import errno
+        import resource
+        from capsule_worker import confine
+        # What a spare does: the policy part ahead (no report pipe yet), the rest at the request.
+        plan = _plan(report=0, rlimits=[[resource.RLIMIT_CORE, 0, 0]], no_new_privs=True,
+                     unshare=0x1)
+
+        def check():
+            with open("/proc/self/status") as f:
+                nnp = [line.split()[1] for line in f if line.startswith("NoNewPrivs")]
+            return nnp == ["1"]
+
+        import struct
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                ahead = dict(plan)
+                del ahead["report"]
+                applied = confine.preapply(ahead)
+                other = dict(plan, no_new_privs=False)
+                try:
+                    confine.finish(applied, other, [w])
+                    code = 3  # a different plan must be refused
+                except confine.Mismatch:
+                    confine.finish(applied, plan, [w])
+                    code = 0 if check() else 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        data = b""
+        while True:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            data += chunk
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        records = [struct.unpack("=BBxxi", data[i:i + 8]) for i in range(0, len(data), 8)]
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        # The best-effort failure met ahead of time reaches the request's report pipe.
+        self.assertEqual(records, [(4, 0, errno.EINVAL)])
