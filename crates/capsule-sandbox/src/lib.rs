@@ -78,6 +78,10 @@ pub struct SpawnSpec {
     pub scratch_dir: PathBuf,
     /// Extra environment for the worker (applied last: wins over the policy's `env.set`).
     pub extra_env: Vec<(String, String)>,
+    /// Make the worker's cgroup only when it is joined ([`Prepared::join_cgroups`]) rather
+    /// than in [`prepare`]: for a worker that may come with a cgroup of its own (a fork
+    /// server's spare, see [`Prepared::adopt_cgroup`]), so none is made in vain.
+    pub defer_cgroup: bool,
 }
 
 impl SpawnSpec {
@@ -88,6 +92,7 @@ impl SpawnSpec {
             read_paths: Vec::new(),
             scratch_dir: scratch_dir.into(),
             extra_env: Vec::new(),
+            defer_cgroup: false,
         }
     }
 }
@@ -129,6 +134,8 @@ pub struct Prepared {
     cgroup_procs: Vec<OwnedFd>,
     /// Whether the policy requires the cgroup layer (a failed join is then fatal).
     cgroup_required: bool,
+    /// A cgroup to make at the join (memory limit, pids limit): see [`SpawnSpec::defer_cgroup`].
+    pending_cgroup: Option<(Option<u64>, Option<u64>)>,
     baseline: LimitEvents,
     cpu_limit: Option<u64>,
     pid: Option<u32>,
@@ -284,6 +291,28 @@ fn interpreter_read_paths(invoked: &Path, canonical: &Path) -> Vec<PathBuf> {
     out.sort();
     out.dedup();
     out
+}
+
+/// What the `cgroup` layer reports for a worker's cgroup.
+fn cgroup_detail(c: &cgroup::WorkerCgroup, memory: Option<u64>, processes: Option<u64>) -> String {
+    let mut parts = Vec::new();
+    if let Some(m) = &c.memory_dir {
+        parts.push(format!(
+            "memory {} ({})",
+            m.display(),
+            memory.map_or("no limit".into(), |m| format!("{m} bytes"))
+        ));
+    }
+    if let Some(p) = &c.pids_dir {
+        if c.memory_dir.as_ref() != Some(p) || processes.is_some() {
+            parts.push(format!(
+                "pids {} (max {})",
+                p.display(),
+                processes.map_or("none".into(), |p| p.to_string())
+            ));
+        }
+    }
+    format!("{}{}", if c.v2 { "v2 " } else { "v1 " }, parts.join(", "))
 }
 
 /// A worker's cgroup(s), made ahead of time for a process that already exists: the pool's fork
@@ -607,7 +636,15 @@ pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxErr
     } else {
         probe_ok(probe, "cgroup")
     };
-    if d.decide("cgroup", l.cgroup, cg_avail)? {
+    let mut pending_cgroup = None;
+    let want_cgroup = d.decide("cgroup", l.cgroup, cg_avail)?;
+    if want_cgroup && spec.defer_cgroup {
+        pending_cgroup = Some((lim.memory, lim.processes));
+        d.detail(
+            "cgroup",
+            "made when the worker is joined (or adopted from its launcher)".into(),
+        );
+    } else if want_cgroup {
         match cgroup::create(&probe.cgroup, lim.memory, lim.processes) {
             Ok((c, fds)) => {
                 // Joined from the parent after the spawn, not from the child: moving a task
@@ -617,28 +654,7 @@ pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxErr
                 // runs before the join: the session sends no cell before its handshake, which
                 // follows `after_spawn`.
                 cgroup_procs = fds;
-                let mut parts = Vec::new();
-                if let Some(m) = &c.memory_dir {
-                    parts.push(format!(
-                        "memory {} ({})",
-                        m.display(),
-                        lim.memory
-                            .map_or("no limit".into(), |m| format!("{m} bytes"))
-                    ));
-                }
-                if let Some(p) = &c.pids_dir {
-                    if c.memory_dir.as_ref() != Some(p) || lim.processes.is_some() {
-                        parts.push(format!(
-                            "pids {} (max {})",
-                            p.display(),
-                            lim.processes.map_or("none".into(), |p| p.to_string())
-                        ));
-                    }
-                }
-                d.detail(
-                    "cgroup",
-                    format!("{}{}", if c.v2 { "v2 " } else { "v1 " }, parts.join(", ")),
-                );
+                d.detail("cgroup", cgroup_detail(&c, lim.memory, lim.processes));
                 cg = Some(c);
             }
             Err(e) => {
@@ -653,7 +669,10 @@ pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxErr
             }
         }
     }
-    let cg_pids = cg.as_ref().is_some_and(|c| c.pids_dir.is_some()) && lim.processes.is_some();
+    let pids_controller = cg.as_ref().is_some_and(|c| c.pids_dir.is_some())
+        || (pending_cgroup.is_some()
+            && (probe.cgroup.v2_parent.is_some() || probe.cgroup.v1_pids_parent.is_some()));
+    let cg_pids = pids_controller && lim.processes.is_some();
     let pl_avail = if lim.processes.is_none() {
         Err("limits.processes is not set".to_string())
     } else if cg_pids || (rl && nproc_effective) {
@@ -786,6 +805,7 @@ pub fn prepare(policy: &Policy, spec: &SpawnSpec) -> Result<Prepared, SandboxErr
         cgroup: cg,
         cgroup_procs,
         cgroup_required: l.cgroup == LayerMode::Required,
+        pending_cgroup,
         baseline,
         cpu_limit,
         pid: None,
@@ -871,7 +891,7 @@ impl Prepared {
     /// task between cgroup v1 hierarchies waits for an RCU grace period, several ms, so callers
     /// on an async runtime run it on a blocking thread).
     pub fn has_cgroups_to_join(&self) -> bool {
-        !self.cgroup_procs.is_empty()
+        !self.cgroup_procs.is_empty() || self.pending_cgroup.is_some()
     }
 
     /// For a worker that already sits in a cgroup made for it ahead of time (see
@@ -885,6 +905,12 @@ impl Prepared {
             return;
         };
         self.cgroup_procs.clear();
+        if let Some((memory, processes)) = self.pending_cgroup.take() {
+            // Deferred: nothing of our own was made. Report the adopted one.
+            if let Some(l) = self.layers.iter_mut().find(|l| l.name == "cgroup") {
+                l.detail = cgroup_detail(&new, memory, processes);
+            }
+        }
         if let Some(mut own) = self.cgroup.take() {
             if let Some(l) = self.layers.iter_mut().find(|l| l.name == "cgroup") {
                 for (old, newer) in [
@@ -925,6 +951,31 @@ impl Prepared {
     /// applied when its pid is known.
     pub fn join_cgroups(&mut self, pid: u32) -> Result<(), SandboxError> {
         self.pid = Some(pid);
+        if let Some((memory, processes)) = self.pending_cgroup.take() {
+            match cgroup::create(&probe().cgroup, memory, processes) {
+                Ok((c, fds)) => {
+                    if let Some(l) = self.layers.iter_mut().find(|l| l.name == "cgroup") {
+                        l.detail = cgroup_detail(&c, memory, processes);
+                    }
+                    self.baseline = c.events();
+                    self.cgroup = Some(c);
+                    self.cgroup_procs = fds;
+                }
+                Err(e) => {
+                    if self.cgroup_required {
+                        return Err(SandboxError::LayerUnavailable {
+                            layer: "cgroup",
+                            reason: e.to_string(),
+                        });
+                    }
+                    warn_once("cgroup", &e.to_string());
+                    if let Some(l) = self.layers.iter_mut().find(|l| l.name == "cgroup") {
+                        l.state = LayerState::Missing;
+                        l.detail = e.to_string();
+                    }
+                }
+            }
+        }
         // Join the worker's cgroups (memory, pids): writing its pid moves the whole process.
         let text = pid.to_string();
         for fd in std::mem::take(&mut self.cgroup_procs) {

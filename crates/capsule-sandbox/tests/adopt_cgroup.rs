@@ -9,8 +9,12 @@ use std::process::{Command, Stdio};
 use capsule_sandbox::{prepare, Policy, PreparedCgroup};
 use common::*;
 
+/// The tests count this process's cgroup directories: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn an_adopted_cgroup_replaces_the_prepared_one_and_is_cleaned_up() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = Scratch::new();
     let policy = Policy::standard();
     let mut prepared =
@@ -88,4 +92,86 @@ fn an_adopted_cgroup_replaces_the_prepared_one_and_is_cleaned_up() {
     for d in &dirs {
         assert!(!d.exists(), "{} left behind", d.display());
     }
+}
+
+#[test]
+fn a_deferred_cgroup_is_made_at_the_join_or_never_when_adopted() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new();
+    let policy = Policy::standard();
+    let mut spec = spec("/usr/bin/python3", &scratch.path());
+    spec.defer_cgroup = true;
+    let count = || {
+        ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids"]
+            .iter()
+            .map(|root| {
+                let mine = format!("capsule-{}-", std::process::id());
+                walk_count(std::path::Path::new(root), &mine)
+            })
+            .sum::<usize>()
+    };
+    let before = count();
+    let mut deferred = prepare(&policy, &spec).expect("prepare");
+    if !require_layer(&deferred, "cgroup") {
+        return;
+    }
+    assert!(deferred.has_cgroups_to_join());
+    assert_eq!(count(), before, "a deferred cgroup was made in prepare()");
+    // Joined: made then, with the policy's limits, and reported.
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-I", "-S", "-c", "import sys; sys.stdin.read()"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    deferred.join_cgroups(child.id()).expect("join");
+    assert!(count() > before);
+    let detail = deferred.layer("cgroup").expect("cgroup").detail.clone();
+    assert!(detail.contains("capsule-"), "{detail}");
+    deferred.cleanup();
+    let _ = child.wait();
+    assert_eq!(count(), before, "cleanup left a directory");
+
+    // Adopted instead: none of its own is ever made.
+    let mut deferred = prepare(&policy, &spec).expect("prepare");
+    let Some(mut ahead) = PreparedCgroup::create(&policy).expect("create") else {
+        return;
+    };
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-I", "-S", "-c", "import sys; sys.stdin.read()"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    ahead.join(child.id()).expect("join");
+    let with_ahead = count();
+    deferred.adopt_cgroup(ahead, child.id());
+    assert!(!deferred.has_cgroups_to_join());
+    assert_eq!(count(), with_ahead, "adoption made or removed a directory");
+    let detail = deferred.layer("cgroup").expect("cgroup").detail.clone();
+    assert!(detail.contains("capsule-"), "{detail}");
+    deferred.cleanup();
+    let _ = child.wait();
+    assert_eq!(count(), before);
+}
+
+/// Directories under `root` (any depth up to 3) whose name starts with `prefix`.
+fn walk_count(root: &std::path::Path, prefix: &str) -> usize {
+    fn walk(d: &std::path::Path, prefix: &str, depth: u32) -> usize {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            return 0;
+        };
+        rd.flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(prefix) {
+                    1
+                } else if depth > 0 {
+                    walk(&e.path(), prefix, depth - 1)
+                } else {
+                    0
+                }
+            })
+            .sum()
+    }
+    walk(root, prefix, 3)
 }

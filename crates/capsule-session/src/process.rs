@@ -292,6 +292,9 @@ pub(crate) async fn spawn_worker(
         read_paths,
         scratch_dir: scratch.to_path_buf(),
         extra_env,
+        // Made on the blocking thread that joins it, while the worker starts (and not at all
+        // when the worker comes in a cgroup of its own from the fork server's spare).
+        defer_cgroup: true,
     };
     let mut sandbox = capsule_sandbox::prepare(&config.sandbox, &spec)?;
     let mut launched = None;
