@@ -480,20 +480,27 @@ class Confine(unittest.TestCase):
     def in_child(self, plan, check):
         """Fork; the child applies `plan` with a report pipe as descriptor 0 and exits with
         `check()`'s truth (or 71 on a fatal step). Returns (exit code, report records)."""
-        import struct
         from capsule_worker import confine
+
+        def body(w):
+            try:
+                confine.apply(plan, [w])
+            except confine.Fatal:
+                return 71
+            return 0 if check() else 1
+        return self.run_child(body)
+
+    def run_child(self, body):
+        """Fork; the child runs `body(report_write_fd)` and exits with its return value.
+        Returns (exit code, the 8-byte report records the child wrote)."""
+        import struct
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 os.close(r)
-                try:
-                    confine.apply(plan, [w])
-                except confine.Fatal:
-                    code = 71
-                else:
-                    code = 0 if check() else 1
+                code = body(w)
             finally:
                 os._exit(code)
         os.close(w)
@@ -553,35 +560,18 @@ class Confine(unittest.TestCase):
                 nnp = [line.split()[1] for line in f if line.startswith("NoNewPrivs")]
             return nnp == ["1"]
 
-        import struct
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
+        def body(w):
+            ahead = dict(plan)
+            del ahead["report"]
+            applied = confine.preapply(ahead)
             try:
-                os.close(r)
-                ahead = dict(plan)
-                del ahead["report"]
-                applied = confine.preapply(ahead)
-                other = dict(plan, no_new_privs=False)
-                try:
-                    confine.finish(applied, other, [w])
-                    code = 3  # a different plan must be refused
-                except confine.Mismatch:
-                    confine.finish(applied, plan, [w])
-                    code = 0 if check() else 1
-            finally:
-                os._exit(code)
-        os.close(w)
-        data = b""
-        while True:
-            chunk = os.read(r, 4096)
-            if not chunk:
-                break
-            data += chunk
-        os.close(r)
-        _, status = os.waitpid(pid, 0)
-        records = [struct.unpack("=BBxxi", data[i:i + 8]) for i in range(0, len(data), 8)]
-        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+                confine.finish(applied, dict(plan, no_new_privs=False), [w])
+                return 3  # a different plan must be refused
+            except confine.Mismatch:
+                confine.finish(applied, plan, [w])
+                return 0 if check() else 1
+
+        code, records = self.run_child(body)
+        self.assertEqual(code, 0)
         # The best-effort failure met ahead of time reaches the request's report pipe.
         self.assertEqual(records, [(4, 0, errno.EINVAL)])
